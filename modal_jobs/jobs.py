@@ -1,0 +1,47 @@
+"""Stage name -> job function and request type. The one table both executors (local, Modal) read.
+
+Job modules are imported on first use, so `import modal_jobs.jobs` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel
+
+from modal_jobs import schemas
+
+# stage name: (module, function, request type, result type)
+JOBS: dict[str, tuple[str, str, type[BaseModel], type[BaseModel]]] = {
+    "prepare_dataset": (
+        "modal_jobs.dataset", "prepare_dataset", schemas.PrepareDatasetRequest, schemas.PrepareDatasetResult
+    ),
+    "prepare_model": ("modal_jobs.model", "prepare_model", schemas.PrepareModelRequest, schemas.PrepareModelResult),
+    "train": ("modal_jobs.train", "train", schemas.TrainRequest, schemas.TrainResult),
+    "export": ("modal_jobs.export", "export", schemas.ExportRequest, schemas.ExportResult),
+    "serve": ("modal_jobs.serve", "serve", schemas.ServeRequest, schemas.ServeResult),
+    "evaluate": ("modal_jobs.evaluate", "evaluate", schemas.EvaluateRequest, schemas.EvaluateResult),
+}
+
+
+def job_function(stage: str) -> Callable[[Any], BaseModel]:
+    if stage not in JOBS:
+        raise KeyError(f"unknown stage {stage!r}; stages are {', '.join(JOBS)}")
+    module, function, _, _ = JOBS[stage]
+    return getattr(importlib.import_module(module), function)
+
+
+def request_type(stage: str) -> type[BaseModel]:
+    return JOBS[stage][2]
+
+
+def result_type(stage: str) -> type[BaseModel]:
+    return JOBS[stage][3]
+
+
+def run_job(stage: str, request: BaseModel | dict[str, Any]) -> BaseModel:
+    """Validate the request and run the stage's job function here, in this process."""
+    typed = request_type(stage).model_validate(request if isinstance(request, dict) else request.model_dump())
+    return job_function(stage)(typed)

@@ -1,0 +1,146 @@
+"""What each stage's job function takes and returns.
+
+A request is one typed object: the stage's config section plus the storage-relative paths it reads and
+writes. A result is small and JSON-able (paths, fingerprints, counts, metrics), never model bytes.
+Paths are relative to the storage root (see `modal_jobs.storage.resolve`) unless absolute.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from modal_jobs.config import (
+    DatasetConfig,
+    EvaluateConfig,
+    ExportConfig,
+    ModelConfig,
+    ServeConfig,
+    TrainConfig,
+)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- prepare_dataset ---------------------------------------------------------------------------------
+
+
+class PrepareDatasetRequest(Message):
+    dataset: DatasetConfig
+    output_dir: str = Field(description="Where the validated dataset is saved (save_to_disk layout).")
+
+
+class PrepareDatasetResult(Message):
+    path: str
+    fingerprint: str = Field(description="Content hash of the prepared dataset.")
+    source_fingerprint: str
+    splits: dict[str, int] = Field(description="Rows per split.")
+    cached: bool = False
+
+
+# --- prepare_model -----------------------------------------------------------------------------------
+
+
+class PrepareModelRequest(Message):
+    model: ModelConfig
+    output_dir: str
+
+
+class PrepareModelResult(Message):
+    path: str
+    fingerprint: str
+    source_fingerprint: str
+    architecture: str
+    num_parameters: int
+    cached: bool = False
+
+
+# --- train -------------------------------------------------------------------------------------------
+
+
+class TrainRequest(Message):
+    train: TrainConfig
+    model: ModelConfig
+    dataset_dir: str
+    model_dir: str
+    output_dir: str = Field(description="The run folder: checkpoints/ while training, lora/ when done.")
+    train_split: str = "train"
+    instruction: str
+
+
+class TrainResult(Message):
+    adapter_dir: str
+    checkpoints_dir: str
+    backend: str
+    global_step: int
+    train_loss: float | None
+    first_logged_loss: float | None = None
+    last_logged_loss: float | None = None
+    train_samples: int
+    runtime_s: float
+    resumed_from: str | None = None
+    cached: bool = False
+
+
+# --- export ------------------------------------------------------------------------------------------
+
+
+class ExportRequest(Message):
+    export: ExportConfig
+    model_dir: str
+    adapter_dir: str
+    output_dir: str
+
+
+class ExportResult(Message):
+    merged_dir: str
+    dtype: str
+    size_bytes: int
+    hub_urls: list[str] = []
+    cached: bool = False
+
+
+# --- serve -------------------------------------------------------------------------------------------
+
+
+class ServeRequest(Message):
+    serve: ServeConfig
+    model_dir: str
+
+
+class ServeResult(Message):
+    base_url: str = Field(description="OpenAI-compatible base URL, ending in /v1.")
+    model_name: str = Field(description="The `model` value requests must carry.")
+    backend: str
+    pid: int | None = Field(None, description="Local server process (None when the endpoint is remote).")
+
+
+# --- evaluate ----------------------------------------------------------------------------------------
+
+
+class EvaluateRequest(Message):
+    evaluate: EvaluateConfig
+    base_url: str
+    model_name: str
+    dataset_dir: str
+    split: str = "test"
+    instruction: str
+    output_path: str = Field(description="Results JSON (metrics, per-sample predictions).")
+    label: str = Field("model", description="A name for the report: base, finetuned, ...")
+
+
+class Metrics(Message):
+    exact_match: float | None
+    cer: float | None
+    wer: float | None
+    num_samples: int
+    num_scored: int
+    num_failed: int
+
+
+class EvaluateResult(Message):
+    results_path: str
+    label: str
+    metrics: Metrics
+    cached: bool = False

@@ -1,0 +1,204 @@
+"""Content-addressed storage: one root, outputs named by their cache key, made visible atomically.
+
+Root: `$VLMPIPE_HOME`, else `~/.cache/vlmpipe` (on Modal the image sets VLMPIPE_HOME=/data, the Volume).
+A stage writes into a hidden temporary folder beside its final place and renames it into place with its
+manifest as the last act, so a folder without a manifest is never mistaken for a finished output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "vlmpipe_manifest.json"
+_CHUNK_BYTES = 64 * 1024 * 1024  # hashed independently, so one large safetensors file still uses every core
+_READ_BYTES = 8 * 1024 * 1024
+
+
+def storage_root() -> Path:
+    root = Path(os.environ.get("VLMPIPE_HOME") or Path.home() / ".cache" / "vlmpipe").expanduser()
+    return root
+
+
+def resolve(path: str | Path) -> Path:
+    """Relative paths in requests and results are relative to the storage root, so they mean the same
+    thing on this machine and inside a Modal container."""
+    path = Path(path)
+    return path if path.is_absolute() else storage_root() / path
+
+
+def relative(path: Path) -> str:
+    """The storage-relative form of a path under the root (absolute paths elsewhere stay absolute)."""
+    try:
+        return path.resolve().relative_to(storage_root().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def check_writable(root: Path | None = None) -> Path:
+    """Fail early, with the path in the message, when the storage root cannot take our outputs."""
+    root = root or storage_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-probe-{uuid.uuid4().hex}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as error:
+        raise PermissionError(
+            f"storage root {root} is not writable ({error.strerror or error}); set VLMPIPE_HOME to a writable folder"
+        ) from error
+    return root
+
+
+def read_manifest(output_dir: str | Path) -> dict[str, Any] | None:
+    path = resolve(output_dir) / MANIFEST_NAME
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+
+
+def is_complete(output_dir: str | Path) -> bool:
+    return read_manifest(output_dir) is not None
+
+
+@contextmanager
+def atomic_output(final_dir: str | Path, manifest: dict[str, Any]) -> Iterator[Path]:
+    """Yield a temporary folder; on success add the manifest (with a content fingerprint) and rename it
+    into place. On error the temporary folder is removed and nothing appears at `final_dir`.
+
+    `manifest` may be updated by the caller inside the block (e.g. with results); it is written last.
+    """
+    final_dir = resolve(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = final_dir.parent / f".tmp-{final_dir.name}-{uuid.uuid4().hex[:8]}"
+    tmp_dir.mkdir()
+    try:
+        yield tmp_dir
+        manifest.setdefault("created_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        manifest["content_fingerprint"] = fingerprint_path(tmp_dir, memo=False)
+        (tmp_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        if final_dir.exists() and not is_complete(final_dir):
+            # A leftover without a manifest is not an output: replace it.
+            shutil.rmtree(final_dir)
+        try:
+            os.rename(tmp_dir, final_dir)
+        except OSError:
+            if is_complete(final_dir):
+                # Another run with the same key finished first; the outputs are equivalent, keep theirs.
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+            else:
+                raise
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, payload: Any) -> Path:
+    """Write a JSON file so that readers see the old content or the new, never half of it."""
+    path = resolve(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+# --- fingerprints -------------------------------------------------------------------------------------
+
+
+def _hash_chunk(path: Path, offset: int, length: int) -> bytes:
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    with open(path, "rb", buffering=0) as handle:
+        handle.seek(offset)
+        remaining = length
+        while remaining > 0:
+            block = handle.read(min(_READ_BYTES, remaining))
+            if not block:
+                break
+            digest.update(block)
+            remaining -= len(block)
+    return digest.digest()
+
+
+def _memo_path() -> Path:
+    return storage_root() / ".hash-memo.json"
+
+
+def _load_memo() -> dict[str, list[Any]]:
+    try:
+        return json.loads(_memo_path().read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _files_under(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(
+        p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST_NAME and not p.name.startswith(".tmp-")
+    )
+
+
+def fingerprint_path(path: str | Path, memo: bool = True, workers: int | None = None) -> str:
+    """xxh3-128 content hash of a file or folder (relative names + bytes), chunks hashed in parallel.
+
+    With `memo`, a file whose (path, size, mtime) is unchanged since it was last hashed is not read again,
+    so re-fingerprinting an unchanged multi-GB model folder costs a few stat calls.
+    """
+    import xxhash
+
+    path = Path(path).resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"cannot fingerprint {path}: it does not exist")
+    files = _files_under(path)
+    memo_table = _load_memo() if memo else {}
+    file_digests: dict[Path, str] = {}
+    jobs: list[tuple[Path, int, int]] = []
+    stats: dict[Path, os.stat_result] = {}
+    for file in files:
+        stat = file.stat()
+        stats[file] = stat
+        cached = memo_table.get(str(file))
+        if cached and cached[0] == stat.st_size and cached[1] == stat.st_mtime_ns:
+            file_digests[file] = cached[2]
+            continue
+        jobs.extend((file, offset, _CHUNK_BYTES) for offset in range(0, max(stat.st_size, 1), _CHUNK_BYTES))
+    if jobs:
+        with ThreadPoolExecutor(max_workers=workers or min(32, (os.cpu_count() or 1) * 2)) as pool:
+            chunk_digests = list(pool.map(lambda job: _hash_chunk(*job), jobs))
+        per_file: dict[Path, list[bytes]] = {}
+        for (file, _, _), digest in zip(jobs, chunk_digests):
+            per_file.setdefault(file, []).append(digest)
+        for file, digests in per_file.items():
+            file_digests[file] = xxhash.xxh3_128_hexdigest(b"".join(digests))
+            if memo:
+                memo_table[str(file)] = [stats[file].st_size, stats[file].st_mtime_ns, file_digests[file]]
+        if memo:
+            try:
+                atomic_write_json(_memo_path(), memo_table)
+            except OSError:
+                pass  # the memo is an optimisation; a read-only root only costs a re-hash
+    total = xxhash.xxh3_128()
+    base = path if path.is_dir() else path.parent
+    for file in files:
+        total.update(file.relative_to(base).as_posix().encode() + b"\0" + file_digests[file].encode() + b"\n")
+    return total.hexdigest()
+
+
+def short_hash(payload: Any, length: int = 16) -> str:
+    """A stable key for any JSON-able value (sorted keys)."""
+    import xxhash
+
+    text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
+    return xxhash.xxh3_128_hexdigest(text.encode())[:length]
