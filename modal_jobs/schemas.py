@@ -27,6 +27,9 @@ class Message(BaseModel):
 
 
 class PrepareDatasetRequest(Message):
+    """The prepared dataset always has splits `train` and `test` and columns `image` and `text`, whatever
+    the source called them, so later stages need not know."""
+
     dataset: DatasetConfig
     output_dir: str = Field(description="Where the validated dataset is saved (save_to_disk layout).")
 
@@ -65,7 +68,6 @@ class TrainRequest(Message):
     dataset_dir: str
     model_dir: str
     output_dir: str = Field(description="The run folder: checkpoints/ while training, lora/ when done.")
-    train_split: str = "train"
     instruction: str
 
 
