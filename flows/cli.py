@@ -1,0 +1,131 @@
+"""The `vlmpipe` command: run the pipeline, evaluate an endpoint, serve a model folder.
+
+Run as: vlmpipe run [--config FILE] [--set section.key=value ...] [--json] [--refresh]
+        vlmpipe eval --base-url URL --model NAME [--config FILE] [--set ...]
+        vlmpipe serve MODEL_DIR [--port N]
+
+With no --config, `vlmpipe run` is the embedded default: a tiny Gemma 3 vision model, a synthetic LaTeX OCR
+set and a local server, all on this machine, with Prefect's ephemeral API.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+
+ConfigOption = Annotated[
+    Optional[Path], typer.Option("--config", "-c", help="A YAML config; without it, the embedded default.")
+]
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override one setting, e.g. --set train.learning_rate=1e-4 (repeatable)."),
+]
+
+
+def _config(path: Path | None, overrides: list[str] | None):
+    from pydantic import ValidationError
+
+    from modal_jobs.config import load_config
+
+    try:
+        return load_config(path, overrides)
+    except ValidationError as error:
+        problems = "\n".join(
+            f"  {'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in error.errors()
+        )
+        typer.echo(f"error: invalid config\n{problems}", err=True)
+    except (ValueError, FileNotFoundError) as error:
+        typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(2)
+
+
+def _fail(error: Exception) -> None:
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def run(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object last: states, paths, metrics.")] = False,
+    refresh: Annotated[bool, typer.Option("--refresh", help="Recompute every stage, ignoring the cache.")] = False,
+) -> None:
+    """Run the whole pipeline: prepare data and model, train, export, serve, evaluate."""
+    pipeline_config = _config(config, set_)
+    from flows.pipeline import finetune_pipeline
+
+    try:
+        result = finetune_pipeline(config=pipeline_config, refresh=refresh)
+    except Exception as error:
+        _fail(error)
+    if as_json:
+        sys.stdout.write(result.model_dump_json() + "\n")
+        return
+    typer.echo("")
+    for stage, outcome in result.stages.items():
+        typer.echo(f"  {stage:<20} {outcome.state}")
+    typer.echo(f"\nmerged model:  {result.merged_dir}\nLoRA adapter:  {result.adapter_dir}")
+    for label, metrics in result.metrics.items():
+        typer.echo(
+            f"{label + ':':<14} CER {metrics['cer']:.3f}  WER {metrics['wer']:.3f}  exact match "
+            f"{metrics['exact_match']:.3f}  ({metrics['num_scored']} scored, {metrics['num_failed']} failed)  "
+            f"{result.results_files[label]}"
+        )
+
+
+@app.command("eval")
+def eval_(
+    base_url: Annotated[str, typer.Option(help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")],
+    model: Annotated[str, typer.Option(help="The model name the endpoint expects.")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Evaluate a running endpoint on the configured dataset's test split."""
+    pipeline_config = _config(config, set_)
+    from flows.pipeline import evaluate_endpoint
+
+    try:
+        result = evaluate_endpoint(base_url=base_url, model_name=model, config=pipeline_config)
+    except Exception as error:
+        _fail(error)
+    if as_json:
+        sys.stdout.write(result.model_dump_json() + "\n")
+    else:
+        typer.echo(json.dumps(result.metrics.model_dump(), indent=2))
+        typer.echo(f"results: {result.results_path}")
+
+
+@app.command()
+def serve(
+    model_dir: Annotated[Path, typer.Argument(help="A model folder (e.g. a merged export).")],
+    port: Annotated[Optional[int], typer.Option(help="Port (default: a free one).")] = None,
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+) -> None:
+    """Serve a model folder as an OpenAI-compatible endpoint until interrupted."""
+    import signal
+
+    from modal_jobs.config import ServeConfig
+    from modal_jobs.schemas import ServeRequest
+    from modal_jobs.serve import running_server
+
+    request = ServeRequest(serve=ServeConfig(host=host, port=port), model_dir=str(model_dir.resolve()))
+    try:
+        with running_server(request) as served:
+            typer.echo(f"serving {served.model_name} at {served.base_url} ({served.backend}); Ctrl-C to stop")
+            stop_signals = {signal.SIGINT, signal.SIGTERM}
+            signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+            signal.sigwait(stop_signals)
+    except Exception as error:
+        _fail(error)
+
+
+if __name__ == "__main__":
+    app()

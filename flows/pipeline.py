@@ -1,0 +1,250 @@
+"""The flows: the whole fine-tuning pipeline, and single-stage flows for evaluation and export.
+
+    prepare_dataset ─┐
+                     ├─> train (LoRA) ─> export (merge, 16-bit) ─> serve ─> evaluate (base and fine-tuned)
+    prepare_model ───┘
+
+Run as: vlmpipe run   (or python -m flows.cli run)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture
+from pydantic import BaseModel
+
+from modal_jobs import keys
+from modal_jobs.config import PipelineConfig
+from modal_jobs.schemas import (
+    EvaluateRequest,
+    EvaluateResult,
+    ExportRequest,
+    PrepareDatasetRequest,
+    PrepareModelRequest,
+    ServeRequest,
+    TrainRequest,
+)
+from modal_jobs.storage import atomic_write_json, check_writable, is_complete, resolve, storage_root
+from tasks import artifacts, stages
+from tasks.executors import get_executor
+
+
+class StageOutcome(BaseModel):
+    state: str
+    output: str | None = None
+    key: str | None = None
+
+
+class PipelineResult(BaseModel):
+    stages: dict[str, StageOutcome]
+    dataset_dir: str
+    model_dir: str
+    adapter_dir: str
+    merged_dir: str
+    metrics: dict[str, dict[str, Any]]
+    results_files: dict[str, str]
+    storage_root: str
+
+
+def _output_exists(location: str) -> bool:
+    path = resolve(location)
+    return is_complete(path) if not path.suffix else path.exists()
+
+
+def _last_components_path(name: str) -> Path:
+    return storage_root() / "state" / f"last-{name}.json"
+
+
+def _changed_since_last_run(name: str, stage_key: keys.StageKey) -> list[str] | None:
+    try:
+        last = json.loads(_last_components_path(name).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return keys.changed_components(last["components"], stage_key.components)
+
+
+def _stage_task(task, refresh: bool):
+    return task.with_options(refresh_cache=refresh, result_storage=storage_root() / "prefect-results")
+
+
+def _submit(task, stage_key: keys.StageKey, request: BaseModel, executor: str, refresh: bool) -> PrefectFuture:
+    # A cache record whose output has gone must not be handed back: recompute it instead.
+    refresh = refresh or not _output_exists(stages.output_location(request))
+    return _stage_task(task, refresh).submit(request, executor)
+
+
+def _finish(stage_key: keys.StageKey, future: PrefectFuture, label: str | None = None) -> tuple[Any, str]:
+    """Wait for a stage, publish why it hit or missed, remember its inputs for the next run's explanation."""
+    name = label or stage_key.stage
+    changed = _changed_since_last_run(name, stage_key)
+    result = future.result()
+    state_name = future.state.name
+    artifacts.publish_cache_decision(name, state_name, stage_key.key, changed)
+    atomic_write_json(_last_components_path(name), stage_key.model_dump())
+    get_run_logger().info("%s: %s (key %s)", name, state_name, stage_key.key)
+    return result, state_name
+
+
+def _evaluate_model(
+    config: PipelineConfig, label: str, model_dir: str, model_identity: str, dataset_fingerprint: str,
+    dataset_dir: str, refresh: bool, outcomes: dict[str, StageOutcome],
+) -> EvaluateResult:
+    """Serve the model only when its evaluation is not already on disk, then evaluate and stop the server."""
+    from modal_jobs.serve import stop_server
+
+    eval_key = keys.evaluate_key(model_identity, dataset_fingerprint, config.evaluate, config.instruction)
+    request = EvaluateRequest(
+        evaluate=config.evaluate, base_url="", model_name="", dataset_dir=dataset_dir,
+        instruction=config.instruction, output_path=f"evals/{eval_key.key}.json", label=label,
+    )
+    served = None
+    if refresh or not _output_exists(request.output_path):
+        served = _stage_task(stages.serve, False).submit(
+            ServeRequest(serve=config.serve, model_dir=model_dir), config.executor
+        ).result()
+        outcomes[f"serve_{label}"] = StageOutcome(state="Completed", output=served.base_url)
+        request = request.model_copy(update={"base_url": served.base_url, "model_name": served.model_name})
+    else:
+        outcomes[f"serve_{label}"] = StageOutcome(state="Skipped", output="evaluation already on disk")
+    try:
+        result, state = _finish(eval_key, _submit(stages.evaluate, eval_key, request, config.executor, refresh),
+                                label=f"evaluate_{label}")
+    finally:
+        if served is not None and served.pid is not None:
+            stop_server(served.pid)
+    outcomes[f"evaluate_{label}"] = StageOutcome(state=state, output=result.results_path, key=eval_key.key)
+    artifacts.publish_output(f"eval-results-{label}", result.results_path, f"Evaluation results ({label})")
+    return result
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    config = PipelineConfig.model_validate(flow_run.parameters.get("config") or {})
+    train = config.train
+    model = config.model.source.rsplit("/", 1)[-1].replace("builtin:", "")
+    dataset = config.dataset.source.rsplit("/", 1)[-1].replace("builtin:", "")
+    return f"{model}-{dataset}-r{train.lora_r}-lr{train.learning_rate:g}-bs{train.effective_batch_size}"
+
+
+@flow(name="finetune-pipeline", flow_run_name=_run_name, log_prints=True)
+def finetune_pipeline(config: PipelineConfig = PipelineConfig(), refresh: bool = False) -> PipelineResult:
+    """Prepare data and model, LoRA fine-tune, merge to 16-bit, serve, and evaluate base vs fine-tuned."""
+    from modal_jobs.dataset import source_fingerprint as dataset_source_fingerprint
+    from modal_jobs.model import source_fingerprint as model_source_fingerprint
+
+    logger = get_run_logger()
+    check_writable()
+    if config.export.hub_id:
+        from modal_jobs.hub import hub_token
+
+        if not hub_token():
+            raise ValueError("export.hub_id is set but no HF_TOKEN is in the environment: set it, or unset hub_id")
+    executor = config.executor
+    outcomes: dict[str, StageOutcome] = {}
+
+    # Keys first: a bad source fails here, before any job starts.
+    dataset_key = keys.prepare_dataset_key(config.dataset, dataset_source_fingerprint(config.dataset))
+    model_key = keys.prepare_model_key(config.model, model_source_fingerprint(config.model))
+    dataset_request = PrepareDatasetRequest(dataset=config.dataset, output_dir=f"datasets/{dataset_key.key}")
+    model_request = PrepareModelRequest(model=config.model, output_dir=f"models/{model_key.key}")
+    dataset_future = _submit(stages.prepare_dataset, dataset_key, dataset_request, executor, refresh)
+    model_future = _submit(stages.prepare_model, model_key, model_request, executor, refresh)
+    dataset, state = _finish(dataset_key, dataset_future)
+    outcomes["prepare_dataset"] = StageOutcome(state=state, output=dataset.path, key=dataset_key.key)
+    artifacts.publish_output("dataset", dataset.path, f"Prepared dataset: {dataset.splits}")
+    model, state = _finish(model_key, model_future)
+    outcomes["prepare_model"] = StageOutcome(state=state, output=model.path, key=model_key.key)
+    artifacts.publish_output("base-model", model.path, f"Base model: {model.architecture}, {model.num_parameters:,} parameters")
+
+    train_key = keys.train_key(
+        dataset.fingerprint, model.fingerprint, config.train, config.model, config.instruction,
+        get_executor(executor).library_versions(),
+    )
+    train_request = TrainRequest(
+        train=config.train, model=config.model, dataset_dir=dataset.path, model_dir=model.path,
+        output_dir=f"runs/{train_key.key}", instruction=config.instruction,
+    )
+    atomic_write_json(f"runs/{train_key.key}/pipeline_config.json", config.model_dump(mode="json"))
+    trained, state = _finish(train_key, _submit(stages.train, train_key, train_request, executor, refresh))
+    outcomes["train"] = StageOutcome(state=state, output=trained.adapter_dir, key=train_key.key)
+    artifacts.publish_output("train-adapter", trained.adapter_dir, f"LoRA adapter, {trained.global_step} steps, "
+                             f"loss {trained.first_logged_loss} -> {trained.last_logged_loss}")
+    artifacts.publish_output("train-checkpoints", trained.checkpoints_dir, "Training checkpoints")
+
+    export_key = keys.export_key(train_key.key, config.export)
+    export_request = ExportRequest(
+        export=config.export, model_dir=model.path, adapter_dir=trained.adapter_dir,
+        output_dir=f"runs/{train_key.key}/merged-{export_key.key}",
+    )
+    exported, state = _finish(export_key, _submit(stages.export, export_key, export_request, executor, refresh))
+    outcomes["export"] = StageOutcome(state=state, output=exported.merged_dir, key=export_key.key)
+    artifacts.publish_output("merged-model", exported.merged_dir, f"Merged {exported.dtype} model")
+
+    evaluations = {
+        "base": _evaluate_model(config, "base", model.path, model.fingerprint, dataset.fingerprint, dataset.path,
+                                refresh, outcomes),
+        "finetuned": _evaluate_model(config, "finetuned", exported.merged_dir, f"export:{export_key.key}",
+                                     dataset.fingerprint, dataset.path, refresh, outcomes),
+    }
+    artifacts.publish_metrics(evaluations)
+    artifacts.publish_eval_report(evaluations)
+    result = PipelineResult(
+        stages=outcomes,
+        dataset_dir=str(resolve(dataset.path)),
+        model_dir=str(resolve(model.path)),
+        adapter_dir=str(resolve(trained.adapter_dir)),
+        merged_dir=str(resolve(exported.merged_dir)),
+        metrics={label: e.metrics.model_dump() for label, e in evaluations.items()},
+        results_files={label: str(resolve(e.results_path)) for label, e in evaluations.items()},
+        storage_root=str(storage_root()),
+    )
+    logger.info("merged model: %s", result.merged_dir)
+    for label, metrics in result.metrics.items():
+        logger.info("%s: CER %s, WER %s, exact match %s", label, metrics["cer"], metrics["wer"], metrics["exact_match"])
+    return result
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_endpoint(
+    base_url: str, model_name: str, config: PipelineConfig = PipelineConfig(), label: str = "endpoint"
+) -> EvaluateResult:
+    """Evaluate an already running OpenAI-compatible endpoint on the configured dataset's test split."""
+    from modal_jobs.dataset import source_fingerprint
+
+    check_writable()
+    dataset_key = keys.prepare_dataset_key(config.dataset, source_fingerprint(config.dataset))
+    dataset_request = PrepareDatasetRequest(dataset=config.dataset, output_dir=f"datasets/{dataset_key.key}")
+    dataset, _ = _finish(dataset_key, _submit(stages.prepare_dataset, dataset_key, dataset_request, config.executor,
+                                              False))
+    eval_key = keys.evaluate_key(f"endpoint:{base_url}:{model_name}", dataset.fingerprint, config.evaluate,
+                                 config.instruction)
+    request = EvaluateRequest(
+        evaluate=config.evaluate, base_url=base_url, model_name=model_name, dataset_dir=dataset.path,
+        instruction=config.instruction, output_path=f"evals/{eval_key.key}.json", label=label,
+    )
+    # An endpoint can change behind the same URL, so an ad-hoc evaluation always runs.
+    result, _ = _finish(eval_key, _submit(stages.evaluate, eval_key, request, config.executor, True))
+    artifacts.publish_metrics({label: result})
+    artifacts.publish_eval_report({label: result})
+    return result
+
+
+@flow(name="export-adapter", log_prints=True)
+def export_adapter(adapter_dir: str, model_dir: str, config: PipelineConfig = PipelineConfig()):
+    """Merge a given LoRA adapter into a given base model folder (16-bit safetensors)."""
+    from modal_jobs.storage import fingerprint_path
+
+    check_writable()
+    export_key = keys.export_key(
+        f"adapter:{fingerprint_path(resolve(adapter_dir))}:{fingerprint_path(resolve(model_dir))}", config.export
+    )
+    request = ExportRequest(export=config.export, model_dir=str(resolve(model_dir)),
+                            adapter_dir=str(resolve(adapter_dir)), output_dir=f"exports/{export_key.key}")
+    result, _ = _finish(export_key, _submit(stages.export, export_key, request, config.executor, False))
+    artifacts.publish_output("merged-model", result.merged_dir, f"Merged {result.dtype} model")
+    return result

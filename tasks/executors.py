@@ -1,0 +1,129 @@
+"""How a task runs a job: here in a subprocess (`local`), or as a Modal function call (`modal`).
+
+Tasks hand a stage name and a typed request to an executor and get the typed result back; they do not
+care which executor they have. Failures come back as `InputError` (bad config or data: never retried) or
+`TransientJobError` (anything else: a lost connection, a killed process, a preempted container).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from pydantic import BaseModel
+
+from modal_jobs.errors import INPUT_ERROR_TYPES, InputError
+from modal_jobs.jobs import result_type
+from modal_jobs.storage import storage_root
+
+PollCallback = Callable[[], None]
+POLL_INTERVAL_S = 1.0
+
+
+class TransientJobError(RuntimeError):
+    """A job failed for a reason a retry may fix."""
+
+
+class Executor(Protocol):
+    name: str
+
+    def run(self, stage: str, request: BaseModel, on_poll: PollCallback | None = None) -> BaseModel: ...
+
+    def library_versions(self) -> dict[str, str]:
+        """Versions of the libraries that change numerics where the job runs (part of the train key)."""
+        ...
+
+
+def _die_with_parent() -> None:
+    # If the orchestrating process is killed (a cancelled Prefect run), its job must not run on alone.
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _log_tail(path: Path, lines: int = 25) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+    tail = text.replace("\r", "\n").splitlines()[-lines:]
+    return "\n".join(tail)
+
+
+def raise_job_error(stage: str, error_type: str, message: str, detail: str = "") -> None:
+    text = f"{stage} failed: {error_type}: {message}"
+    if error_type in INPUT_ERROR_TYPES:
+        raise InputError(text)
+    raise TransientJobError(text + (f"\n--- last lines of the job's log ---\n{detail}" if detail else ""))
+
+
+class LocalExecutor:
+    """Each job in its own Python subprocess: memory (and GPU memory) is freed between stages, and a
+    cancelled run kills it."""
+
+    name = "local"
+
+    def library_versions(self) -> dict[str, str]:
+        from modal_jobs.keys import local_library_versions
+
+        return local_library_versions()
+
+    def run(self, stage: str, request: BaseModel, on_poll: PollCallback | None = None) -> BaseModel:
+        logs = storage_root() / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        log_path = logs / f"{stage}-{stamp}-{os.getpid()}.log"
+        with tempfile.TemporaryDirectory(prefix=f"vlmpipe-{stage}-") as scratch:
+            request_path = Path(scratch) / "request.json"
+            result_path = Path(scratch) / "result.json"
+            request_path.write_text(request.model_dump_json())
+            env = dict(os.environ, VLMPIPE_HOME=str(storage_root()), PYTHONUNBUFFERED="1")
+            with open(log_path, "wb") as log:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "modal_jobs.runner", stage, str(request_path), str(result_path)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                )
+                try:
+                    while process.poll() is None:
+                        time.sleep(POLL_INTERVAL_S)
+                        if on_poll is not None:
+                            on_poll()
+                except BaseException:
+                    # Cancellation, Ctrl-C, a timeout: the job must not outlive the task.
+                    process.kill()
+                    process.wait()
+                    raise
+            if on_poll is not None:
+                on_poll()
+            if not result_path.exists():
+                raise_job_error(
+                    stage, "ProcessDied", f"exit code {process.returncode} (log: {log_path})", _log_tail(log_path)
+                )
+            outcome = json.loads(result_path.read_text())
+        if not outcome["ok"]:
+            raise_job_error(stage, outcome["error_type"], outcome["message"], _log_tail(log_path))
+        return result_type(stage).model_validate(outcome["result"])
+
+
+def get_executor(name: str) -> Executor:
+    if name == "local":
+        return LocalExecutor()
+    if name == "modal":
+        from tasks.modal_executor import ModalExecutor
+
+        return ModalExecutor()
+    raise ValueError(f"unknown executor {name!r}: use 'local' or 'modal'")
