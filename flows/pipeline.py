@@ -30,7 +30,7 @@ from modal_jobs.schemas import (
 )
 from modal_jobs.storage import atomic_write_json, check_writable, is_complete, resolve, storage_root
 from tasks import artifacts, stages
-from tasks.executors import get_executor
+from tasks.executors import ExecutorSpec, get_executor
 
 
 class StageOutcome(BaseModel):
@@ -71,10 +71,11 @@ def _stage_task(task, refresh: bool):
     return task.with_options(refresh_cache=refresh, result_storage=storage_root() / "prefect-results")
 
 
-def _submit(task, stage_key: keys.StageKey, request: BaseModel, executor: str, refresh: bool) -> PrefectFuture:
+def _submit(task, request: BaseModel, config: PipelineConfig, refresh: bool) -> PrefectFuture:
+    """Start a stage's task on the executor configured for it (task names are stage names)."""
     # A cache record whose output has gone must not be handed back: recompute it instead.
     refresh = refresh or not _output_exists(stages.output_location(request))
-    return _stage_task(task, refresh).submit(request, executor)
+    return _stage_task(task, refresh).submit(request, ExecutorSpec.for_stage(config, task.name))
 
 
 def _finish(stage_key: keys.StageKey, future: PrefectFuture, label: str | None = None) -> tuple[Any, str]:
@@ -104,14 +105,14 @@ def _evaluate_model(
     served = None
     if refresh or not _output_exists(request.output_path):
         served = _stage_task(stages.serve, False).submit(
-            ServeRequest(serve=config.serve, model_dir=model_dir), config.executor
+            ServeRequest(serve=config.serve, model_dir=model_dir), ExecutorSpec.for_stage(config, "serve")
         ).result()
         outcomes[f"serve_{label}"] = StageOutcome(state="Completed", output=served.base_url)
         request = request.model_copy(update={"base_url": served.base_url, "model_name": served.model_name})
     else:
         outcomes[f"serve_{label}"] = StageOutcome(state="Skipped", output="evaluation already on disk")
     try:
-        result, state = _finish(eval_key, _submit(stages.evaluate, eval_key, request, config.executor, refresh),
+        result, state = _finish(eval_key, _submit(stages.evaluate, request, config, refresh),
                                 label=f"evaluate_{label}")
     finally:
         if served is not None and served.pid is not None:
@@ -144,7 +145,6 @@ def finetune_pipeline(config: PipelineConfig = PipelineConfig(), refresh: bool =
 
         if not hub_token():
             raise ValueError("export.hub_id is set but no HF_TOKEN is in the environment: set it, or unset hub_id")
-    executor = config.executor
     outcomes: dict[str, StageOutcome] = {}
 
     # Keys first: a bad source fails here, before any job starts.
@@ -152,8 +152,8 @@ def finetune_pipeline(config: PipelineConfig = PipelineConfig(), refresh: bool =
     model_key = keys.prepare_model_key(config.model, model_source_fingerprint(config.model))
     dataset_request = PrepareDatasetRequest(dataset=config.dataset, output_dir=f"datasets/{dataset_key.key}")
     model_request = PrepareModelRequest(model=config.model, output_dir=f"models/{model_key.key}")
-    dataset_future = _submit(stages.prepare_dataset, dataset_key, dataset_request, executor, refresh)
-    model_future = _submit(stages.prepare_model, model_key, model_request, executor, refresh)
+    dataset_future = _submit(stages.prepare_dataset, dataset_request, config, refresh)
+    model_future = _submit(stages.prepare_model, model_request, config, refresh)
     dataset, state = _finish(dataset_key, dataset_future)
     outcomes["prepare_dataset"] = StageOutcome(state=state, output=dataset.path, key=dataset_key.key)
     artifacts.publish_output("dataset", dataset.path, f"Prepared dataset: {dataset.splits}")
@@ -163,14 +163,14 @@ def finetune_pipeline(config: PipelineConfig = PipelineConfig(), refresh: bool =
 
     train_key = keys.train_key(
         dataset.fingerprint, model.fingerprint, config.train, config.model, config.instruction,
-        get_executor(executor).library_versions(),
+        get_executor(ExecutorSpec.for_stage(config, "train")).library_versions(),
     )
     train_request = TrainRequest(
         train=config.train, model=config.model, dataset_dir=dataset.path, model_dir=model.path,
         output_dir=f"runs/{train_key.key}", instruction=config.instruction,
     )
     atomic_write_json(f"runs/{train_key.key}/pipeline_config.json", config.model_dump(mode="json"))
-    trained, state = _finish(train_key, _submit(stages.train, train_key, train_request, executor, refresh))
+    trained, state = _finish(train_key, _submit(stages.train, train_request, config, refresh))
     outcomes["train"] = StageOutcome(state=state, output=trained.adapter_dir, key=train_key.key)
     artifacts.publish_output("train-adapter", trained.adapter_dir, f"LoRA adapter, {trained.global_step} steps, "
                              f"loss {trained.first_logged_loss} -> {trained.last_logged_loss}")
@@ -181,7 +181,7 @@ def finetune_pipeline(config: PipelineConfig = PipelineConfig(), refresh: bool =
         export=config.export, model_dir=model.path, adapter_dir=trained.adapter_dir,
         output_dir=f"runs/{train_key.key}/merged-{export_key.key}",
     )
-    exported, state = _finish(export_key, _submit(stages.export, export_key, export_request, executor, refresh))
+    exported, state = _finish(export_key, _submit(stages.export, export_request, config, refresh))
     outcomes["export"] = StageOutcome(state=state, output=exported.merged_dir, key=export_key.key)
     artifacts.publish_output("merged-model", exported.merged_dir, f"Merged {exported.dtype} model")
 
@@ -219,8 +219,7 @@ def evaluate_endpoint(
     check_writable()
     dataset_key = keys.prepare_dataset_key(config.dataset, source_fingerprint(config.dataset))
     dataset_request = PrepareDatasetRequest(dataset=config.dataset, output_dir=f"datasets/{dataset_key.key}")
-    dataset, _ = _finish(dataset_key, _submit(stages.prepare_dataset, dataset_key, dataset_request, config.executor,
-                                              False))
+    dataset, _ = _finish(dataset_key, _submit(stages.prepare_dataset, dataset_request, config, False))
     eval_key = keys.evaluate_key(f"endpoint:{base_url}:{model_name}", dataset.fingerprint, config.evaluate,
                                  config.instruction)
     request = EvaluateRequest(
@@ -228,7 +227,7 @@ def evaluate_endpoint(
         instruction=config.instruction, output_path=f"evals/{eval_key.key}.json", label=label,
     )
     # An endpoint can change behind the same URL, so an ad-hoc evaluation always runs.
-    result, _ = _finish(eval_key, _submit(stages.evaluate, eval_key, request, config.executor, True))
+    result, _ = _finish(eval_key, _submit(stages.evaluate, request, config, True))
     artifacts.publish_metrics({label: result})
     artifacts.publish_eval_report({label: result})
     return result
@@ -245,6 +244,6 @@ def export_adapter(adapter_dir: str, model_dir: str, config: PipelineConfig = Pi
     )
     request = ExportRequest(export=config.export, model_dir=str(resolve(model_dir)),
                             adapter_dir=str(resolve(adapter_dir)), output_dir=f"exports/{export_key.key}")
-    result, _ = _finish(export_key, _submit(stages.export, export_key, request, config.executor, False))
+    result, _ = _finish(export_key, _submit(stages.export, request, config, False))
     artifacts.publish_output("merged-model", result.merged_dir, f"Merged {result.dtype} model")
     return result

@@ -161,11 +161,52 @@ class PromoteConfig(Section):
     registry_name: str = "latex-ocr"
 
 
+MODAL_GPU_TYPES = ("T4", "L4", "A10G", "L40S", "A100-40GB", "A100-80GB", "H100", "H200", "B200")
+
+
+class StageGpus(Section):
+    """GPU type per stage on Modal; null runs the stage on CPU."""
+
+    prepare_dataset: str | None = None
+    prepare_model: str | None = Field(None, description="Downloading weights needs no GPU.")
+    train: str | None = "A100-80GB"
+    export: str | None = "A100-80GB"
+    serve: str | None = "L40S"
+    evaluate: str | None = None
+
+    @model_validator(mode="after")
+    def _known_gpus(self) -> StageGpus:
+        for stage, gpu in self.model_dump().items():
+            if gpu is not None and gpu.split(":")[0] not in MODAL_GPU_TYPES:
+                raise ValueError(
+                    f"{stage}: GPU type {gpu!r} is not offered by Modal; use one of {', '.join(MODAL_GPU_TYPES)}"
+                )
+        return self
+
+
+class ModalConfig(Section):
+    """Where and on what each stage runs when its executor is `modal`."""
+
+    app_name: str = Field("vlmpipe", description="The deployed Modal app (`modal deploy modal_jobs/app.py`).")
+    gpu: StageGpus = Field(default_factory=lambda: StageGpus(), description="GPU type per stage; null is CPU.")
+    gpu_price_per_hour: dict[str, float] = Field(
+        default_factory=lambda: {
+            "CPU": 0.17, "T4": 0.59, "L4": 0.80, "A10G": 1.10, "L40S": 1.95, "A100-40GB": 2.10,
+            "A100-80GB": 2.50, "H100": 3.95, "H200": 4.54, "B200": 6.25,
+        },
+        description="USD per hour, for the cost artifact. Check Modal's pricing page; these drift.",
+    )
+    poll_interval_s: PositiveFloat = 10.0
+
+
 class PipelineConfig(Section):
     """Everything one run needs. Saved beside every output."""
 
     instruction: str = Field(DEFAULT_INSTRUCTION, description="The user turn's text, shared by training and serving.")
     executor: Executor = Field("local", description="Where jobs run: this machine, or Modal functions.")
+    stage_executors: dict[StageName, Executor] = Field(
+        default_factory=dict, description="Per-stage exceptions to `executor`, e.g. {train: modal}."
+    )
     dataset: DatasetConfig = DatasetConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -173,6 +214,10 @@ class PipelineConfig(Section):
     serve: ServeConfig = ServeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     promote: PromoteConfig = PromoteConfig()
+    modal: ModalConfig = ModalConfig()
+
+    def executor_for(self, stage: str) -> str:
+        return self.stage_executors.get(stage, self.executor)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _builtin_pairs(self) -> PipelineConfig:

@@ -21,6 +21,8 @@ from typing import Protocol
 
 from pydantic import BaseModel
 
+from modal_jobs.config import Executor as ExecutorName
+from modal_jobs.config import ModalConfig, PipelineConfig
 from modal_jobs.errors import INPUT_ERROR_TYPES, InputError
 from modal_jobs.jobs import result_type
 from modal_jobs.storage import storage_root
@@ -119,11 +121,22 @@ class LocalExecutor:
         return result_type(stage).model_validate(outcome["result"])
 
 
-def get_executor(name: str) -> Executor:
-    if name == "local":
+class ExecutorSpec(BaseModel):
+    """Which executor runs a stage, with what it needs to know (a task parameter, so no secrets here)."""
+
+    name: ExecutorName = "local"
+    modal: ModalConfig = ModalConfig()
+
+    @classmethod
+    def for_stage(cls, config: PipelineConfig, stage: str) -> ExecutorSpec:
+        return cls(name=config.executor_for(stage), modal=config.modal)
+
+
+def get_executor(spec: ExecutorSpec) -> Executor:
+    if spec.name == "local":
         return LocalExecutor()
-    if name == "modal":
+    if spec.name == "modal":
         from tasks.modal_executor import ModalExecutor
 
-        return ModalExecutor()
-    raise ValueError(f"unknown executor {name!r}: use 'local' or 'modal'")
+        return ModalExecutor(spec.modal)
+    raise ValueError(f"unknown executor {spec.name!r}: use 'local' or 'modal'")

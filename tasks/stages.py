@@ -31,7 +31,7 @@ from modal_jobs.schemas import (
     TrainResult,
 )
 from modal_jobs.storage import resolve
-from tasks.executors import get_executor
+from tasks.executors import ExecutorSpec, get_executor
 
 
 def output_location(request: Any) -> str:
@@ -67,13 +67,13 @@ _STAGE_TASK_OPTIONS: dict[str, Any] = dict(
 
 
 @task(name="prepare_dataset", **_STAGE_TASK_OPTIONS)
-def prepare_dataset(request: PrepareDatasetRequest, executor: str = "local") -> PrepareDatasetResult:
+def prepare_dataset(request: PrepareDatasetRequest, executor: ExecutorSpec = ExecutorSpec()) -> PrepareDatasetResult:
     """Load, validate (every image decoded) and save the dataset with canonical splits and columns."""
     return get_executor(executor).run("prepare_dataset", request)
 
 
 @task(name="prepare_model", **_STAGE_TASK_OPTIONS)
-def prepare_model(request: PrepareModelRequest, executor: str = "local") -> PrepareModelResult:
+def prepare_model(request: PrepareModelRequest, executor: ExecutorSpec = ExecutorSpec()) -> PrepareModelResult:
     """Download, copy or build the base model into the storage root."""
     return get_executor(executor).run("prepare_model", request)
 
@@ -110,24 +110,24 @@ class _TrainingProgress:
 
 
 @task(name="train", **{**_STAGE_TASK_OPTIONS, "retries": 1})
-def train(request: TrainRequest, executor: str = "local") -> TrainResult:
+def train(request: TrainRequest, executor: ExecutorSpec = ExecutorSpec()) -> TrainResult:
     """LoRA fine-tune; a retry resumes from the latest complete checkpoint."""
     return get_executor(executor).run("train", request, on_poll=_TrainingProgress(request.output_dir))
 
 
 @task(name="export", **_STAGE_TASK_OPTIONS)
-def export(request: ExportRequest, executor: str = "local") -> ExportResult:
+def export(request: ExportRequest, executor: ExecutorSpec = ExecutorSpec()) -> ExportResult:
     """Merge the adapter into the base model; save 16-bit safetensors with the processor."""
     return get_executor(executor).run("export", request)
 
 
 @task(name="serve", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=is_transient)
-def serve(request: ServeRequest, executor: str = "local") -> ServeResult:
+def serve(request: ServeRequest, executor: ExecutorSpec = ExecutorSpec()) -> ServeResult:
     """Start an OpenAI-compatible server; returns once its health check passes. Not cached: it is a process."""
     return get_executor(executor).run("serve", request)
 
 
 @task(name="evaluate", **_STAGE_TASK_OPTIONS)
-def evaluate(request: EvaluateRequest, executor: str = "local") -> EvaluateResult:
+def evaluate(request: EvaluateRequest, executor: ExecutorSpec = ExecutorSpec()) -> EvaluateResult:
     """Score the endpoint on held-out images: exact match, CER, WER; failed requests counted apart."""
     return get_executor(executor).run("evaluate", request)
