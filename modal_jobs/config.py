@@ -104,7 +104,7 @@ class TrainConfig(Section):
     )
     learning_rate: PositiveFloat = 3e-4
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    warmup_ratio: float = Field(0.2, ge=0.0, le=1.0)
+    warmup_ratio: float = Field(0.2, ge=0.0, lt=1.0, description="Fraction of the steps spent warming up.")
     per_device_batch_size: PositiveInt = 4
     gradient_accumulation_steps: PositiveInt = 4
     num_epochs: PositiveFloat = 1.0

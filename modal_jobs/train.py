@@ -200,7 +200,7 @@ def train(request: TrainRequest) -> TrainResult:
         max_steps=train_cfg.max_steps or -1,
         learning_rate=train_cfg.learning_rate,
         lr_scheduler_type=train_cfg.lr_scheduler_type,
-        warmup_ratio=train_cfg.warmup_ratio,
+        warmup_steps=train_cfg.warmup_ratio,  # transformers 5: a float below 1 is a ratio of total steps
         max_grad_norm=train_cfg.max_grad_norm,
         weight_decay=train_cfg.weight_decay,
         optim=train_cfg.optim,
