@@ -101,6 +101,7 @@ def _evaluate_model(
     request = EvaluateRequest(
         evaluate=config.evaluate, base_url="", model_name="", dataset_dir=dataset_dir,
         instruction=config.instruction, output_path=f"evals/{eval_key.key}.json", label=label,
+        api_key_env=config.serve.api_key_env,
     )
     served = None
     if refresh or not _output_exists(request.output_path):

@@ -130,6 +130,7 @@ class EvaluateRequest(Message):
     instruction: str
     output_path: str = Field(description="Results JSON (metrics, per-sample predictions).")
     label: str = Field("model", description="A name for the report: base, finetuned, ...")
+    api_key_env: str | None = Field(None, description="Environment variable with the endpoint's API key (not the key).")
 
 
 class Metrics(Message):
