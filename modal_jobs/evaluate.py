@@ -26,9 +26,8 @@ WORST_IN_REPORT = 10
 
 
 def _api_key(request: EvaluateRequest) -> str:
-    # Servers without auth accept any key but the client insists on one. The request has no key field yet
-    # (see the stage notes); read one when it appears so an endpoint started with serve.api_key_env works.
-    env_name = getattr(request, "api_key_env", None)
+    # Servers without auth accept any key, but the client insists on one.
+    env_name = request.api_key_env
     if env_name:
         key = os.environ.get(env_name)
         if not key:
