@@ -1,0 +1,349 @@
+"""prepare_dataset on real sources written into tmp_path: the built-in synthetic set, parquet, save_to_disk,
+an image folder, and broken variants of them.
+
+Run as: python -m pytest tests/test_prepare_dataset.py -q
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from modal_jobs import hub, storage
+from modal_jobs.config import BUILTIN_DATASET, DatasetConfig, SyntheticDatasetConfig
+from modal_jobs.dataset import prepare_dataset, source_fingerprint
+from modal_jobs.errors import InputError
+from modal_jobs.schemas import PrepareDatasetRequest
+from modal_jobs.synthetic import MAX_TOKENS, MIN_TOKENS, synthetic_latex_ocr
+
+SMALL = SyntheticDatasetConfig(train_size=20, test_size=5, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    root = tmp_path / "home"
+    monkeypatch.setenv("VLMPIPE_HOME", str(root))
+    # No test may wait on the network: hub ids must be answered "unreachable" at once.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub.hub_reachable.cache_clear()
+    yield root
+    hub.hub_reachable.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def small():
+    return synthetic_latex_ocr(SMALL)
+
+
+def _features():
+    import datasets
+
+    return datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+
+
+def _png_bytes(split) -> list[bytes]:
+    import datasets
+
+    return [row["bytes"] for row in split.cast_column("image", datasets.Image(decode=False))["image"]]
+
+
+def _prepare(source: str | Path, output_dir: str = "datasets/out", **fields) -> tuple:
+    request = PrepareDatasetRequest(
+        dataset=DatasetConfig(source=str(source), synthetic=SMALL, **fields), output_dir=output_dir
+    )
+    return request, prepare_dataset(request)
+
+
+def _load_prepared(result):
+    import datasets
+
+    return datasets.load_from_disk(str(storage.resolve(result.path)))
+
+
+def _assert_canonical(prepared, train_texts: list[str], test_texts: list[str]) -> None:
+    from PIL import Image
+
+    assert set(prepared) == {"train", "test"}
+    for split in prepared.values():
+        assert split.features == _features()
+        row = split[0]
+        assert isinstance(row["image"], Image.Image) and row["image"].width > 0
+    assert sorted(prepared["train"]["text"]) == sorted(train_texts)
+    assert sorted(prepared["test"]["text"]) == sorted(test_texts)
+
+
+# --- the synthetic set --------------------------------------------------------------------------------
+
+
+def test_synthetic_same_seed_same_rows_other_seed_other_rows(small):
+    from PIL import Image
+
+    again = synthetic_latex_ocr(SMALL)
+    other = synthetic_latex_ocr(SMALL.model_copy(update={"seed": 1}))
+    assert {name: len(split) for name, split in small.items()} == {"train": 20, "test": 5}
+    for name in ("train", "test"):
+        assert small[name].features == _features()
+        assert small[name]["text"] == again[name]["text"]
+        assert _png_bytes(small[name]) == _png_bytes(again[name])
+        assert small[name]["text"] != other[name]["text"]
+    assert not set(small["train"]["text"]) & set(small["test"]["text"])
+
+    for row in small["train"]:
+        tokens = row["text"].split(" ")
+        assert MIN_TOKENS <= len(tokens) <= MAX_TOKENS and "" not in tokens  # im2latex-style single spaces
+        assert "\\begin" not in row["text"] and "\\dfrac" not in row["text"]
+        image: Image.Image = row["image"]
+        assert image.mode == "RGB" and image.getpixel((0, 0)) == (255, 255, 255)
+        assert 30 <= image.height <= 250 and image.width >= 20
+
+
+def test_rendering_in_worker_processes_gives_the_same_rows(small, monkeypatch):
+    import os
+
+    from modal_jobs import synthetic
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one core: rendering is always serial")
+    monkeypatch.setattr(synthetic, "PARALLEL_MIN_ROWS", 1)
+    pool = synthetic._render_pool(25)
+    assert pool is not None
+    pool.shutdown()
+    parallel = synthetic_latex_ocr(SMALL)
+    for name in ("train", "test"):
+        assert parallel[name]["text"] == small[name]["text"]
+        assert _png_bytes(parallel[name]) == _png_bytes(small[name])
+
+
+# --- round trips --------------------------------------------------------------------------------------
+
+
+def test_builtin_round_trip_then_cached(small):
+    request, result = _prepare(BUILTIN_DATASET)
+    assert result.splits == {"train": 20, "test": 5} and not result.cached
+    assert result.path == "datasets/out" and storage.is_complete(result.path)
+    assert result.fingerprint == storage.read_manifest(result.path)["content_fingerprint"]
+    assert result.source_fingerprint == source_fingerprint(request.dataset)
+    prepared = _load_prepared(result)
+    _assert_canonical(prepared, small["train"]["text"], small["test"]["text"])
+    assert prepared["train"]["text"] == small["train"]["text"]  # order kept
+    assert _png_bytes(prepared["train"]) == _png_bytes(small["train"])
+
+    again = prepare_dataset(request)
+    assert again.cached and again.model_dump(exclude={"cached"}) == result.model_dump(exclude={"cached"})
+
+    # The same input written elsewhere hashes the same: downstream keys follow the data, not the run.
+    _, elsewhere = _prepare(BUILTIN_DATASET, output_dir="datasets/elsewhere")
+    assert not elsewhere.cached and elsewhere.fingerprint == result.fingerprint
+
+
+def test_parquet_folder_one_file_per_split(tmp_path, small):
+    folder = tmp_path / "pq"
+    (folder / "data").mkdir(parents=True)
+    small["train"].to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+    small["test"].to_parquet(str(folder / "data" / "test-00000-of-00001.parquet"))
+    _, result = _prepare(folder)
+    assert result.splits == {"train": 20, "test": 5}
+    prepared = _load_prepared(result)
+    _assert_canonical(prepared, small["train"]["text"], small["test"]["text"])
+    assert _png_bytes(prepared["test"]) == _png_bytes(small["test"])
+
+
+def test_single_parquet_file_split_column(tmp_path, small):
+    import datasets
+
+    table = datasets.concatenate_datasets(
+        [small["train"].add_column("split", ["fit"] * 20), small["test"].add_column("split", ["holdout"] * 5)]
+    )
+    file = tmp_path / "all.parquet"
+    table.to_parquet(str(file))
+    _, result = _prepare(file, train_split="fit", test_split="holdout")
+    prepared = _load_prepared(result)
+    _assert_canonical(prepared, small["train"]["text"], small["test"]["text"])
+
+
+def test_save_to_disk_folder_with_custom_names(tmp_path, small):
+    import datasets
+
+    def renamed(split):
+        split = split.rename_columns({"image": "png", "text": "latex"})
+        return split.add_column("source_id", list(range(len(split))))
+
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({"training": renamed(small["train"]), "validation": renamed(small["test"])}).save_to_disk(
+        str(folder)
+    )
+    _, result = _prepare(
+        folder, image_column="png", text_column="latex", train_split="training", test_split="validation"
+    )
+    assert result.splits == {"train": 20, "test": 5}
+    prepared = _load_prepared(result)
+    _assert_canonical(prepared, small["train"]["text"], small["test"]["text"])
+    assert prepared["train"].column_names == ["image", "text"]
+
+
+def test_imagefolder_with_metadata_jsonl(tmp_path, small):
+    folder = tmp_path / "images"
+    for name in ("train", "test"):
+        (folder / name).mkdir(parents=True)
+        lines = []
+        for index, (png, text) in enumerate(zip(_png_bytes(small[name]), small[name]["text"])):
+            (folder / name / f"{index:04d}.png").write_bytes(png)
+            lines.append(json.dumps({"file_name": f"{index:04d}.png", "text": text}))
+        (folder / name / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    _, result = _prepare(folder)
+    prepared = _load_prepared(result)
+    _assert_canonical(prepared, small["train"]["text"], small["test"]["text"])
+    # Images are embedded, not referenced: the output survives the source folder going away.
+    assert sorted(_png_bytes(prepared["train"])) == sorted(_png_bytes(small["train"]))
+
+
+def test_flat_imagefolder_with_metadata_csv_is_one_split(tmp_path, small):
+    import csv
+
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    with open(folder / "metadata.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file_name", "latex"])
+        for index, (png, text) in enumerate(zip(_png_bytes(small["train"]), small["train"]["text"])):
+            (folder / f"{index}.png").write_bytes(png)
+            writer.writerow([f"{index}.png", text])
+    # One split only, so train and test must both name it (allowed, with a warning on stderr).
+    _, result = _prepare(folder, text_column="latex", test_split="train")
+    assert result.splits == {"train": 20, "test": 20}
+    _assert_canonical(_load_prepared(result), small["train"]["text"], small["train"]["text"])
+
+
+# --- errors -------------------------------------------------------------------------------------------
+
+
+def _saved(tmp_path: Path, train, test) -> Path:
+    import datasets
+
+    folder = tmp_path / "bad"
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(folder))
+    return folder
+
+
+def _with_rows(split, replace: dict[int, dict]):
+    import datasets
+
+    images = [{"bytes": b, "path": None} for b in _png_bytes(split)]
+    texts = list(split["text"])
+    for index, row in replace.items():
+        if "bytes" in row:
+            images[index] = {"bytes": row["bytes"], "path": None}
+        if "text" in row:
+            texts[index] = row["text"]
+    return datasets.Dataset.from_dict({"image": images, "text": texts}, features=_features())
+
+
+def _missing_path(tmp_path, small):
+    return tmp_path / "nope.parquet", {}
+
+
+def _offline_hub_id(tmp_path, small):
+    return "someone/latex-equations", {}
+
+
+def _missing_text_column(tmp_path, small):
+    train, test = (small[name].rename_column("text", "latex") for name in ("train", "test"))
+    return _saved(tmp_path, train, test), {}
+
+
+def _truncated_image(tmp_path, small):
+    png = _png_bytes(small["train"])[3]
+    return _saved(tmp_path, _with_rows(small["train"], {3: {"bytes": png[: len(png) // 2]}}), small["test"]), {}
+
+
+def _empty_split(tmp_path, small):
+    import pyarrow.parquet as pq
+
+    # Parquet, because datasets cannot save_to_disk a split with no rows.
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    small["train"].to_parquet(str(folder / "train.parquet"))
+    pq.write_table(small["test"].data.table.slice(0, 0), folder / "test.parquet")
+    return folder, {}
+
+
+def _blank_text(tmp_path, small):
+    return _saved(tmp_path, small["train"], _with_rows(small["test"], {1: {"text": " \t\n"}})), {}
+
+
+def _many_blank_texts(tmp_path, small):
+    return _saved(tmp_path, _with_rows(small["train"], {i: {"text": ""} for i in range(12)}), small["test"]), {}
+
+
+def _huge_image(tmp_path, small):
+    return _saved(tmp_path, small["train"], small["test"]), {"max_image_pixels": 100}
+
+
+def _missing_split(tmp_path, small):
+    return _saved(tmp_path, small["train"], small["test"]), {"test_split": "validation"}
+
+
+def _single_dataset(tmp_path, small):
+    folder = tmp_path / "one"
+    small["train"].save_to_disk(str(folder))
+    return folder, {}
+
+
+ERROR_CASES: dict[str, tuple[Callable, list[str]]] = {
+    "missing path": (_missing_path, ["nope.parquet", "no such file or folder"]),
+    "hub id, hub unreachable": (_offline_hub_id, ["someone/latex-equations", "cannot be reached"]),
+    "missing text column": (_missing_text_column, ["no column 'text'", "dataset.text_column", "'latex'"]),
+    "truncated image": (_truncated_image, ["split 'train' row 3", "cannot be decoded", "1 of 25 rows"]),
+    "empty split": (_empty_split, ["split 'test'", "is empty"]),
+    "blank text": (_blank_text, ["split 'test' row 1", "blank"]),
+    "many bad rows": (_many_blank_texts, ["12 of 25 rows", "split 'train' row 9", "and 2 more"]),
+    "image over the pixel limit": (_huge_image, ["row 0", "over dataset.max_image_pixels (100)"]),
+    "missing split": (_missing_split, ["no split 'validation'", "dataset.test_split", "'test', 'train'"]),
+    "single Dataset, no splits": (_single_dataset, ["single Dataset", "DatasetDict"]),
+}
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_bad_source_fails_with_a_message_naming_the_problem(case, tmp_path, home, small):
+    build, expected = ERROR_CASES[case]
+    source, fields = build(tmp_path, small)
+    with pytest.raises(InputError) as caught:
+        _prepare(source, **fields)
+    for text in expected:
+        assert text in str(caught.value), f"{text!r} not in: {caught.value}"
+    assert not storage.is_complete("datasets/out")
+    leftovers = list((home / "datasets").glob(".tmp-*")) if (home / "datasets").exists() else []
+    assert leftovers == []
+
+
+def test_source_fingerprint_follows_content_and_fields(tmp_path, small):
+    builtin = DatasetConfig(source=BUILTIN_DATASET, synthetic=SMALL)
+    assert source_fingerprint(builtin) == source_fingerprint(builtin.model_copy())
+    assert source_fingerprint(builtin) != source_fingerprint(
+        builtin.model_copy(update={"synthetic": SMALL.model_copy(update={"seed": 7})})
+    )
+
+    file = tmp_path / "train.parquet"
+    small["train"].to_parquet(str(file))
+    local = DatasetConfig(source=str(file))
+    first = source_fingerprint(local)
+    assert first == source_fingerprint(local)
+    assert first != source_fingerprint(local.model_copy(update={"text_column": "latex"}))
+    small["test"].to_parquet(str(file))
+    assert first != source_fingerprint(local)
+
+
+def test_import_is_light():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, modal_jobs.dataset, modal_jobs.synthetic; "
+        "heavy = [m for m in ('datasets', 'matplotlib', 'PIL', 'numpy', 'prefect') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
