@@ -11,11 +11,15 @@ set and a local server, all on this machine, with Prefect's ephemeral API.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+# Prefect's anonymous usage heartbeat writes to the same SQLite file as the run; nothing here needs it.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 

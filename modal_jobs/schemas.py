@@ -70,6 +70,14 @@ class TrainRequest(Message):
     output_dir: str = Field(description="The run folder: checkpoints/ while training, lora/ when done.")
     instruction: str
 
+    @property
+    def adapter_dir(self) -> str:
+        return f"{self.output_dir}/lora"
+
+    @property
+    def checkpoints_dir(self) -> str:
+        return f"{self.output_dir}/checkpoints"
+
 
 class TrainResult(Message):
     adapter_dir: str

@@ -164,8 +164,8 @@ def _load_unsloth(request: TrainRequest, model_dir: Path):
 
 def train(request: TrainRequest) -> TrainResult:
     run_dir = resolve(request.output_dir)
-    adapter_dir = run_dir / "lora"
-    checkpoints_dir = run_dir / "checkpoints"
+    adapter_dir = resolve(request.adapter_dir)
+    checkpoints_dir = resolve(request.checkpoints_dir)
     if is_complete(adapter_dir):
         return TrainResult.model_validate({**read_manifest(adapter_dir)["result"], "cached": True})
 
@@ -236,8 +236,8 @@ def train(request: TrainRequest) -> TrainResult:
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     result = TrainResult(
-        adapter_dir=f"{request.output_dir}/lora",
-        checkpoints_dir=f"{request.output_dir}/checkpoints",
+        adapter_dir=request.adapter_dir,
+        checkpoints_dir=request.checkpoints_dir,
         backend=backend,
         global_step=trainer.state.global_step,
         train_loss=output.training_loss,

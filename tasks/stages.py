@@ -35,7 +35,9 @@ from tasks.executors import ExecutorSpec, get_executor
 
 
 def output_location(request: Any) -> str:
-    """The storage-relative path a stage writes; it embeds the stage's cache key."""
+    """The storage-relative path whose manifest marks a stage's output finished; it embeds the cache key."""
+    if isinstance(request, TrainRequest):
+        return request.adapter_dir
     return getattr(request, "output_dir", None) or request.output_path
 
 
