@@ -3,6 +3,7 @@
 Run as: vlmpipe run [--config FILE] [--set section.key=value ...] [--json] [--refresh]
         vlmpipe eval --base-url URL --model NAME [--config FILE] [--set ...]
         vlmpipe serve MODEL_DIR [--port N]
+        vlmpipe deploy [--config FILE] [--pool NAME]      (against PREFECT_API_URL)
 
 With no --config, `vlmpipe run` is the embedded default: a tiny Gemma 3 vision model, a synthetic LaTeX OCR
 set and a local server, all on this machine, with Prefect's ephemeral API.
@@ -129,6 +130,24 @@ def serve(
             signal.sigwait(stop_signals)
     except Exception as error:
         _fail(error)
+
+
+@app.command()
+def deploy(
+    config: Annotated[
+        Optional[Path],
+        typer.Option("--config", "-c", help="YAML config for the production deployments (default: the recipe)."),
+    ] = None,
+    pool: Annotated[str, typer.Option(help="Work pool; created as a `process` pool if missing.")] = "vlmpipe-local",
+) -> None:
+    """Register the Prefect deployments on the server at PREFECT_API_URL."""
+    from deployments.deploy import deploy as deploy_all
+
+    try:
+        ids = deploy_all(work_pool=pool, config_path=config)
+    except Exception as error:
+        _fail(error)
+    typer.echo(f"{len(ids)} deployments on work pool {pool!r}; start a worker: prefect worker start --pool {pool}")
 
 
 if __name__ == "__main__":

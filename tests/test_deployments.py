@@ -1,0 +1,190 @@
+"""The deployments against a real Prefect server and a real process worker, run from the shell.
+
+One test: start `prefect server start` (its own PREFECT_HOME and SQLite file under tmp_path), register the
+deployments, check the nightly cron made scheduled runs, start `prefect worker start`, then
+`prefect deployment run 'finetune-pipeline/embedded' --params ... --watch` with a tiny config, and check
+the run and its artifacts through the API. Every process is stopped by pid (its whole process group, then
+any descendant left) in a finally.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+POOL = "vlmpipe-test-pool"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    # A new session: the process and everything it spawns share a process group we can signal as one.
+    return subprocess.Popen(args, env=env, cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM to the process group, SIGKILL after `timeout`; then SIGKILL any descendant that escaped it."""
+    import psutil
+
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=timeout)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait(timeout=timeout)
+    _, alive = psutil.wait_procs(descendants, timeout=5)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"prefect server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"prefect server not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def _tail(path: Path, chars: int = 4000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+
+def test_embedded_deployment_runs_from_the_shell(tmp_path):
+    from modal_jobs.config import PipelineConfig
+
+    port = _free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    prefect_home = tmp_path / "prefect-home"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(prefect_home),
+        "PREFECT_PROFILES_PATH": str(prefect_home / "profiles.toml"),
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_API_URL": api_url,
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "VLMPIPE_HOME": str(tmp_path / "vlmpipe-home"),
+        "HF_HUB_OFFLINE": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    config = PipelineConfig.embedded().model_dump(mode="json")
+    config["dataset"]["synthetic"].update(train_size=32, test_size=4)
+    config["train"].update(max_steps=4, logging_steps=1)
+    config["evaluate"].update(num_samples=4, max_tokens=8)
+    params = json.dumps({"config": config, "refresh": False})
+
+    procs: list[subprocess.Popen] = []
+    server_log, worker_log = tmp_path / "server.log", tmp_path / "worker.log"
+    try:
+        server = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                        env, server_log)
+        procs.append(server)
+        _wait_healthy(api_url, server, server_log)
+
+        deployed = subprocess.run([sys.executable, "-m", "deployments.deploy", "--pool", POOL], env=env, cwd=REPO,
+                                  capture_output=True, text=True, timeout=120)
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+
+        from prefect import get_client
+        from prefect.client.schemas.filters import (
+            ArtifactFilter, ArtifactFilterFlowRunId, DeploymentFilter, DeploymentFilterId, FlowRunFilter,
+            FlowRunFilterState, FlowRunFilterStateType,
+        )
+        from prefect.client.schemas.objects import StateType
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+            names = {"finetune-pipeline/latex-ocr", "finetune-pipeline/nightly-retrain",
+                     "finetune-pipeline/embedded", "evaluate/adhoc"}
+            deployments = {name: client.read_deployment_by_name(name) for name in names}
+            assert all(d.work_pool_name == POOL for d in deployments.values())
+            assert deployments["finetune-pipeline/latex-ocr"].parameters["config"] == \
+                PipelineConfig().model_dump(mode="json")
+            assert deployments["finetune-pipeline/embedded"].parameters["config"] == \
+                PipelineConfig.embedded().model_dump(mode="json")
+            nightly = deployments["finetune-pipeline/nightly-retrain"]
+            assert [s.schedule.cron for s in nightly.schedules] == ["0 3 * * *"]
+            assert nightly.schedules[0].parameters["config"] == PipelineConfig().model_dump(mode="json")
+            # The server schedules runs right after the deployment is written, but not always before
+            # the deploy call returns: poll briefly.
+            deadline = time.monotonic() + 30
+            while True:
+                scheduled = client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[nightly.id])),
+                    flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                        type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))),
+                )
+                if scheduled or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            assert scheduled, "the nightly cron schedule created no scheduled runs"
+            assert all(run.parameters["config"]["model"]["source"] == "unsloth/gemma-3-4b-it" for run in scheduled)
+            # The worker must never pick up a production run here (a test started just before 03:00 UTC).
+            # Pausing also removes its scheduled runs.
+            client.pause_deployment(nightly.id)
+
+        worker = _start([str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process"],
+                        env, worker_log)
+        procs.append(worker)
+
+        command = f"prefect deployment run 'finetune-pipeline/embedded' --params {shlex.quote(params)} --watch"
+        ran = subprocess.run(["bash", "-c", command], env=env, cwd=tmp_path, capture_output=True, text=True,
+                             timeout=300)
+        assert ran.returncode == 0, f"{ran.stdout}\n{ran.stderr}\n--- worker log ---\n{_tail(worker_log)}"
+
+        with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+            embedded = client.read_deployment_by_name("finetune-pipeline/embedded")
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[embedded.id])))
+            assert len(runs) == 1
+            run = runs[0]
+            assert run.state is not None and run.state.type == StateType.COMPLETED, run.state
+            assert run.parameters["config"]["train"]["max_steps"] == 4
+            artifacts = client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+            keys = {artifact.key for artifact in artifacts}
+            assert {"metrics", "merged-model"} <= keys, keys
+        assert any((tmp_path / "vlmpipe-home" / "runs").iterdir()), "the run wrote nothing under VLMPIPE_HOME"
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
