@@ -68,7 +68,17 @@ def _changed_since_last_run(name: str, stage_key: keys.StageKey) -> list[str] | 
 
 
 def _stage_task(task, refresh: bool):
-    return task.with_options(refresh_cache=refresh, result_storage=storage_root() / "prefect-results")
+    """The task bound to this storage root: results and locks live beside the outputs they describe."""
+    from prefect.locking.filesystem import FileSystemLockManager
+
+    options: dict[str, Any] = {"refresh_cache": refresh, "result_storage": storage_root() / "prefect-results"}
+    if isinstance(task.cache_policy, stages.StageOutputPolicy):
+        # Two runs with the same key at once: one computes, the other waits on the lock and reuses the result.
+        options["cache_policy"] = task.cache_policy.configure(
+            isolation_level="SERIALIZABLE",
+            lock_manager=FileSystemLockManager(lock_files_directory=storage_root() / "locks"),
+        )
+    return task.with_options(**options)
 
 
 def _submit(task, request: BaseModel, config: PipelineConfig, refresh: bool) -> PrefectFuture:
@@ -175,7 +185,8 @@ def finetune_pipeline(config: PipelineConfig = PipelineConfig(), refresh: bool =
     outcomes["train"] = StageOutcome(state=state, output=trained.adapter_dir, key=train_key.key)
     artifacts.publish_output("train-adapter", trained.adapter_dir, f"LoRA adapter, {trained.global_step} steps, "
                              f"loss {trained.first_logged_loss} -> {trained.last_logged_loss}")
-    artifacts.publish_output("train-checkpoints", trained.checkpoints_dir, "Training checkpoints")
+    artifacts.publish_checkpoints(trained.checkpoints_dir)
+    artifacts.publish_training_stats(trained.adapter_dir)
 
     export_key = keys.export_key(train_key.key, config.export)
     export_request = ExportRequest(

@@ -39,6 +39,24 @@ def publish_cache_decision(stage: str, state_name: str, key: str, changed: list[
     )
 
 
+def publish_checkpoints(checkpoints_dir: str) -> None:
+    folder = resolve(checkpoints_dir)
+    found = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) if folder.exists() else []
+    lines = [f"- [{p.name}]({location_link(str(p))})" for p in found] or [f"`{checkpoints_dir}` (not readable here)"]
+    create_markdown_artifact("# Checkpoints\n\n" + "\n".join(lines), key="train-checkpoints",
+                             description="Every saved training checkpoint")
+
+
+def publish_training_stats(adapter_dir: str) -> None:
+    """The trainer's logged steps (loss, learning rate, grad norm) as a table, when the adapter is readable here."""
+    stats_path = resolve(adapter_dir) / "training_stats.json"
+    if not stats_path.exists():
+        return
+    keep = ("step", "epoch", "loss", "learning_rate", "grad_norm", "train_runtime", "train_samples_per_second")
+    rows = [{k: entry[k] for k in keep if k in entry} for entry in json.loads(stats_path.read_text())]
+    create_table_artifact(rows, key="training-stats", description="Training log: loss and learning rate by step")
+
+
 def publish_metrics(evaluations: dict[str, Any]) -> None:
     rows = []
     for label, result in evaluations.items():

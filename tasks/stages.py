@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import CachePolicy
+from prefect.cache_policies import NO_CACHE, CachePolicy
 
 from modal_jobs.errors import InputError
 from modal_jobs.schemas import (
@@ -123,7 +123,7 @@ def export(request: ExportRequest, executor: ExecutorSpec = ExecutorSpec()) -> E
     return get_executor(executor).run("export", request)
 
 
-@task(name="serve", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=is_transient)
+@task(name="serve", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=is_transient)
 def serve(request: ServeRequest, executor: ExecutorSpec = ExecutorSpec()) -> ServeResult:
     """Start an OpenAI-compatible server; returns once its health check passes. Not cached: it is a process."""
     return get_executor(executor).run("serve", request)

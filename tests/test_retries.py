@@ -72,3 +72,23 @@ def test_bad_data_fails_at_once_and_is_not_retried(vlmpipe_home, tiny_dataset_di
     with pytest.raises(InputError, match="no column 'latex'"):
         prepare()
     assert len(list((vlmpipe_home / "logs").glob("prepare_dataset-*.log"))) == 1
+
+
+def test_two_runs_with_the_same_key_compute_once(vlmpipe_home):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flows.pipeline import _stage_task
+
+    request = PrepareDatasetRequest(
+        dataset=DatasetConfig(source="builtin:synthetic-latex-ocr", synthetic={"train_size": 40, "test_size": 4}),
+        output_dir="datasets/same-key",
+    )
+
+    @flow
+    def prepare():
+        return _stage_task(stages.prepare_dataset, refresh=False)(request, return_state=True).name
+
+    with ThreadPoolExecutor(2) as pool:
+        names = sorted(pool.map(lambda _: prepare(), range(2)))
+    assert names == ["Cached", "Completed"]
+    assert len(list((vlmpipe_home / "logs").glob("prepare_dataset-*.log"))) == 1
