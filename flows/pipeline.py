@@ -137,9 +137,15 @@ def _run_name() -> str:
     from prefect.runtime import flow_run
 
     config = PipelineConfig.model_validate(flow_run.parameters.get("config") or {})
+    from modal_jobs.dataset import source_fingerprint
+
     train = config.train
     model = config.model.source.rsplit("/", 1)[-1].replace("builtin:", "")
     dataset = config.dataset.source.rsplit("/", 1)[-1].replace("builtin:", "")
+    try:
+        dataset += "@" + source_fingerprint(config.dataset)[:8]
+    except Exception:  # a bad source fails in the flow with its own message; the name just goes without
+        pass
     return f"{model}-{dataset}-r{train.lora_r}-lr{train.learning_rate:g}-bs{train.effective_batch_size}"
 
 
@@ -149,8 +155,13 @@ def finetune_pipeline(config: PipelineConfig = PipelineConfig(), refresh: bool =
     from modal_jobs.dataset import source_fingerprint as dataset_source_fingerprint
     from modal_jobs.model import source_fingerprint as model_source_fingerprint
 
+    from tasks.secrets import load_secret_blocks
+
     logger = get_run_logger()
     check_writable()
+    loaded = load_secret_blocks()
+    if loaded:
+        logger.info("read %s from Prefect Secret blocks", ", ".join(loaded))
     if config.export.hub_id:
         from modal_jobs.hub import hub_token
 
@@ -168,6 +179,8 @@ def finetune_pipeline(config: PipelineConfig = PipelineConfig(), refresh: bool =
     dataset, state = _finish(dataset_key, dataset_future)
     outcomes["prepare_dataset"] = StageOutcome(state=state, output=dataset.path, key=dataset_key.key)
     artifacts.publish_output("dataset", dataset.path, f"Prepared dataset: {dataset.splits}")
+    if dataset.skipped_rows:
+        artifacts.publish_skipped_rows(dataset.skipped_rows)
     model, state = _finish(model_key, model_future)
     outcomes["prepare_model"] = StageOutcome(state=state, output=model.path, key=model_key.key)
     artifacts.publish_output("base-model", model.path, f"Base model: {model.architecture}, {model.num_parameters:,} parameters")

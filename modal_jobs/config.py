@@ -22,6 +22,10 @@ StageName = Literal["prepare_dataset", "prepare_model", "train", "export", "serv
 STAGES: tuple[str, ...] = ("prepare_dataset", "prepare_model", "train", "export", "serve", "evaluate")
 
 
+# Names that become file or app names: no path separators, no `..`, so they cannot escape the storage root.
+SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
 class Section(BaseModel):
     # Unknown keys are errors: a typo in a YAML file must not silently fall back to a default.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -50,6 +54,9 @@ class DatasetConfig(Section):
     text_column: str = "text"
     max_image_pixels: PositiveInt = Field(
         40_000_000, description="Images larger than this are rejected (decompression-bomb guard)."
+    )
+    max_bad_rows: int = Field(
+        0, ge=0, description="Skip and report up to this many unusable rows instead of failing (0: any bad row fails)."
     )
     synthetic: SyntheticDatasetConfig = SyntheticDatasetConfig()
 
@@ -118,7 +125,7 @@ class TrainConfig(Section):
     logging_steps: PositiveInt = 10
     seed: int = 3407
     wandb_project: str = "GemmaFinetuning"
-    run_name: str | None = Field(None, description="Default: finetune_<model>_<timestamp>.")
+    run_name: str | None = Field(None, pattern=SAFE_NAME, description="Default: finetune_<model>_<timestamp>.")
 
     @property
     def effective_batch_size(self) -> int:
@@ -158,7 +165,7 @@ class EvaluateConfig(Section):
 class PromoteConfig(Section):
     metric: Literal["cer", "wer", "exact_match"] = "cer"
     margin: float = Field(0.0, ge=0.0, description="The candidate must beat the champion by at least this much.")
-    registry_name: str = "latex-ocr"
+    registry_name: str = Field("latex-ocr", pattern=SAFE_NAME, description="File name of the model registry.")
 
 
 MODAL_GPU_TYPES = ("T4", "L4", "A10G", "L40S", "A100-40GB", "A100-80GB", "H100", "H200", "B200")
@@ -187,7 +194,9 @@ class StageGpus(Section):
 class ModalConfig(Section):
     """Where and on what each stage runs when its executor is `modal`."""
 
-    app_name: str = Field("vlmpipe", description="The deployed Modal app (`modal deploy modal_jobs/app.py`).")
+    app_name: str = Field(
+        "vlmpipe", pattern=SAFE_NAME, description="The deployed Modal app (`modal deploy modal_jobs/app.py`)."
+    )
     gpu: StageGpus = Field(default_factory=lambda: StageGpus(), description="GPU type per stage; null is CPU.")
     gpu_price_per_hour: dict[str, float] = Field(
         default_factory=lambda: {

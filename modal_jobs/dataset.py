@@ -361,15 +361,16 @@ def _text_problem(value: Any) -> str | None:
     return None
 
 
-def _validate(picked: Mapping[str, datasets.Dataset], dataset: DatasetConfig) -> None:
-    """Check every row of every split; raise one InputError that lists the first bad rows and counts all."""
+def _validate(picked: Mapping[str, datasets.Dataset], dataset: DatasetConfig) -> dict[str, dict[int, str]]:
+    """Check every row of every split. Returns the bad rows (split -> row -> reason) when there are no more
+    than `dataset.max_bad_rows`; otherwise raises one InputError that lists the first bad rows and counts all."""
     import datasets
     from concurrent.futures import ThreadPoolExecutor
     from tqdm import tqdm
 
     source_names = {"train": dataset.train_split, "test": dataset.test_split}
+    bad_rows: dict[str, dict[int, str]] = {canonical: {} for canonical in picked}
     problems: list[str] = []
-    bad = 0
     total = 0
     batch_size = 256
     # PIL releases the GIL while it inflates PNG data, so threads decode in parallel.
@@ -390,17 +391,37 @@ def _validate(picked: Mapping[str, datasets.Dataset], dataset: DatasetConfig) ->
                     for offset, (image_reason, text) in enumerate(zip(image_reasons, text_batch[dataset.text_column])):
                         reasons = [r for r in (image_reason, _text_problem(text)) if r]
                         if reasons:
-                            bad += 1
+                            bad_rows[canonical][start + offset] = "; ".join(reasons)
                             if len(problems) < MAX_REPORTED_BAD_ROWS:
                                 problems.append(f"split {name!r} row {start + offset}: {'; '.join(reasons)}")
                     start += len(image_values)
                     bar.update(len(image_values))
-    if bad:
+    bad = sum(len(rows) for rows in bad_rows.values())
+    if bad > dataset.max_bad_rows:
         more = f"\n  ... and {bad - len(problems)} more" if bad > len(problems) else ""
+        tolerance = (
+            f" (dataset.max_bad_rows allows {dataset.max_bad_rows})" if dataset.max_bad_rows
+            else " (set dataset.max_bad_rows to skip a few instead)"
+        )
         raise InputError(
-            f"dataset {dataset.source!r}: {bad} of {total} rows are unusable, so nothing was written. "
+            f"dataset {dataset.source!r}: {bad} of {total} rows are unusable{tolerance}, so nothing was written. "
             "Fix or drop them in the source:\n  " + "\n  ".join(problems) + more
         )
+    return bad_rows
+
+
+def _drop_bad_rows(
+    picked: Mapping[str, datasets.Dataset], bad_rows: Mapping[str, dict[int, str]], dataset: DatasetConfig
+) -> dict[str, datasets.Dataset]:
+    kept = {}
+    for canonical, split in picked.items():
+        skip = bad_rows.get(canonical) or {}
+        if skip:
+            split = split.select([i for i in range(len(split)) if i not in skip])
+            if len(split) == 0:
+                raise InputError(f"dataset {dataset.source!r}: every row of split {canonical!r} is unusable")
+        kept[canonical] = split
+    return kept
 
 
 def _workers() -> int:
@@ -442,6 +463,7 @@ def _result_from_manifest(
         fingerprint=manifest["content_fingerprint"],
         source_fingerprint=manifest["source_fingerprint"],
         splits=manifest["splits"],
+        skipped_rows=[f"{r['split']} row {r['row']}: {r['reason']}" for r in manifest.get("skipped_rows", [])],
         cached=cached,
     )
 
@@ -461,8 +483,8 @@ def prepare_dataset(request: PrepareDatasetRequest) -> PrepareDatasetResult:
     with _scratch() as cache_dir:
         raw, facts = _load(dataset, kind, path, cache_dir)
         picked = _pick(raw, dataset)
-        _validate(picked, dataset)
-        prepared = _canonical(picked, dataset, key)
+        bad_rows = _validate(picked, dataset)
+        prepared = _canonical(_drop_bad_rows(picked, bad_rows, dataset), dataset, key)
         splits = {name: len(split) for name, split in prepared.items()}
         manifest: dict[str, Any] = {
             "stage": STAGE,
@@ -472,6 +494,10 @@ def prepare_dataset(request: PrepareDatasetRequest) -> PrepareDatasetResult:
             "source_fingerprint": key,
             "source_splits": {"train": dataset.train_split, "test": dataset.test_split},
             "splits": splits,
+            "skipped_rows": [
+                {"split": split, "row": row, "reason": reason}
+                for split, rows in bad_rows.items() for row, reason in sorted(rows.items())
+            ],
             "versions": {"prepare": PREPARE_VERSION, "synthetic": SYNTHETIC_VERSION, "datasets": datasets.__version__},
             "request": request.model_dump(mode="json"),
         }

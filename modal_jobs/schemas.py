@@ -39,6 +39,7 @@ class PrepareDatasetResult(Message):
     fingerprint: str = Field(description="Content hash of the prepared dataset.")
     source_fingerprint: str
     splits: dict[str, int] = Field(description="Rows per split.")
+    skipped_rows: list[str] = Field([], description="Unusable rows left out (dataset.max_bad_rows), with reasons.")
     cached: bool = False
 
 

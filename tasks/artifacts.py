@@ -24,6 +24,13 @@ def publish_output(key: str, path: str, description: str) -> None:
     create_link_artifact(location_link(path), link_text=str(resolve(path)), key=key, description=description)
 
 
+def publish_skipped_rows(rows: list[str]) -> None:
+    create_markdown_artifact(
+        f"# {len(rows)} unusable rows skipped\n\n" + "\n".join(f"- {row}" for row in rows),
+        key="dataset-skipped-rows", description="Rows left out under dataset.max_bad_rows",
+    )
+
+
 def publish_cache_decision(stage: str, state_name: str, key: str, changed: list[str] | None) -> None:
     if state_name == "Cached":
         why = "hit: every input matched the cached run"

@@ -50,6 +50,10 @@ def test_yaml_file_and_dotted_overrides(tmp_path):
         ("bogus.key=1", "bogus"),
         ("executor=kubernetes", "executor"),
         ("dataset.image_column=", "dataset.image_column"),
+        ("dataset.max_bad_rows=-1", "dataset.max_bad_rows"),
+        ("promote.registry_name=../../etc/passwd", "promote.registry_name"),
+        ("train.run_name=runs/../../x", "train.run_name"),
+        ("modal.gpu.train=TPU-v5", "modal.gpu"),
     ],
 )
 def test_bad_values_name_the_field(override, field):

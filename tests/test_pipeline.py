@@ -24,14 +24,23 @@ def prefect_home(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("prefect-home")
 
 
-def vlmpipe(home: Path, prefect_home: Path, *args: str) -> dict:
-    env = {**os.environ, "VLMPIPE_HOME": str(home), "PREFECT_HOME": str(prefect_home), "HF_HUB_OFFLINE": "1"}
+CANARY = "hf_canary_5f0c2d9e7b"
+
+
+def vlmpipe(home: Path, prefect_home: Path, *args: str, env: dict[str, str] | None = None) -> dict:
+    env = {**os.environ, "VLMPIPE_HOME": str(home), "PREFECT_HOME": str(prefect_home), "HF_HUB_OFFLINE": "1",
+           **(env or {})}
     completed = subprocess.run(
         [sys.executable, "-m", "flows.cli", "run", "--json", *args], env=env, capture_output=True, text=True,
         timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
+    assert CANARY not in completed.stdout + completed.stderr
     return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def files_containing(root: Path, needle: bytes) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
 
 
 def states(result: dict) -> dict[str, str]:
@@ -40,7 +49,10 @@ def states(result: dict) -> dict[str, str]:
 
 def test_embedded_default_learns_then_hits_the_cache(tmp_path, prefect_home):
     home = tmp_path / "home"
-    first = vlmpipe(home, prefect_home)
+    first = vlmpipe(home, prefect_home, env={"HF_TOKEN": CANARY, "WANDB_API_KEY": CANARY})
+    # Tokens reach jobs through the environment only: never a parameter, log, artifact, manifest or the database.
+    assert files_containing(home, CANARY.encode()) == []
+    assert files_containing(prefect_home, CANARY.encode()) == []
     assert all(state == "Completed" for state in states(first).values()), states(first)
     base, finetuned = first["metrics"]["base"], first["metrics"]["finetuned"]
     assert base["num_failed"] == 0 and finetuned["num_failed"] == 0

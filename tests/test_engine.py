@@ -1,7 +1,8 @@
-"""Retries through the real Prefect engine: a killed job is retried (and resumes), bad input is not."""
+"""On the real Prefect engine: retries (a killed job resumes, bad input is not retried), locks, secret blocks."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -92,3 +93,18 @@ def test_two_runs_with_the_same_key_compute_once(vlmpipe_home):
         names = sorted(pool.map(lambda _: prepare(), range(2)))
     assert names == ["Cached", "Completed"]
     assert len(list((vlmpipe_home / "logs").glob("prepare_dataset-*.log"))) == 1
+
+
+def test_tokens_come_from_secret_blocks_when_the_environment_has_none(monkeypatch):
+    from prefect.blocks.system import Secret
+
+    from tasks.secrets import load_secret_blocks
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    Secret(value="hf_from_block").save("hf-token", overwrite=True)
+    assert load_secret_blocks() == ["HF_TOKEN"]
+    assert os.environ["HF_TOKEN"] == "hf_from_block"
+    monkeypatch.setenv("HF_TOKEN", "hf_from_env")
+    assert load_secret_blocks() == []  # the environment wins
+    assert os.environ["HF_TOKEN"] == "hf_from_env"

@@ -1,0 +1,94 @@
+"""Faults and bad input: what is rejected, what is skipped, and that nothing half-written looks finished."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from modal_jobs.config import DatasetConfig, ExportConfig
+from modal_jobs.errors import InputError
+from modal_jobs.schemas import ExportRequest, PrepareDatasetRequest
+from modal_jobs.storage import is_complete
+
+
+@pytest.fixture
+def parquet_with_two_bad_rows(tmp_path, tiny_dataset_dir):
+    from datasets import Dataset, load_from_disk
+
+    good = load_from_disk(str(tiny_dataset_dir))
+    rows = [{"image": {"bytes": _png(row["image"]), "path": None}, "text": row["text"]} for row in good["train"]]
+    rows[3]["image"] = {"bytes": rows[3]["image"]["bytes"][:40], "path": None}  # truncated PNG
+    rows[7]["text"] = "   "
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    Dataset.from_list(rows).to_parquet(str(folder / "train.parquet"))
+    test_rows = [{"image": {"bytes": _png(row["image"]), "path": None}, "text": row["text"]} for row in good["test"]]
+    Dataset.from_list(test_rows).to_parquet(str(folder / "test.parquet"))
+    return folder
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_bad_rows_fail_by_default_naming_each_row(vlmpipe_home, parquet_with_two_bad_rows):
+    from modal_jobs.dataset import prepare_dataset
+
+    request = PrepareDatasetRequest(dataset=DatasetConfig(source=str(parquet_with_two_bad_rows)), output_dir="d/x")
+    with pytest.raises(InputError) as caught:
+        prepare_dataset(request)
+    message = str(caught.value)
+    assert "row 3" in message and "row 7" in message and "max_bad_rows" in message
+    assert not is_complete("d/x")
+
+
+def test_a_tolerance_skips_and_reports_bad_rows(vlmpipe_home, parquet_with_two_bad_rows):
+    from modal_jobs.dataset import prepare_dataset
+
+    source = str(parquet_with_two_bad_rows)
+    too_strict = PrepareDatasetRequest(dataset=DatasetConfig(source=source, max_bad_rows=1), output_dir="d/strict")
+    with pytest.raises(InputError, match="allows 1"):
+        prepare_dataset(too_strict)
+    request = PrepareDatasetRequest(dataset=DatasetConfig(source=source, max_bad_rows=2), output_dir="d/tolerant")
+    result = prepare_dataset(request)
+    assert result.splits["train"] == 32 - 2
+    assert len(result.skipped_rows) == 2
+    assert result.skipped_rows[0].startswith("train row 3") and "blank" in result.skipped_rows[1]
+
+
+def test_export_killed_midway_leaves_nothing_that_looks_finished(vlmpipe_home, tiny_model_dir, tmp_path):
+    """Kill the export job (SIGKILL) while it writes; a later export finishes normally."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    adapter = tmp_path / "adapter"
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    get_peft_model(model, LoraConfig(r=4, target_modules=r".*language_model.*\.q_proj")).save_pretrained(adapter)
+    request = ExportRequest(export=ExportConfig(), model_dir=str(tiny_model_dir), adapter_dir=str(adapter),
+                            output_dir="runs/kill/merged")
+    request_path = tmp_path / "request.json"
+    request_path.write_text(request.model_dump_json())
+    child = subprocess.Popen(
+        [sys.executable, "-m", "modal_jobs.runner", "export", str(request_path), str(tmp_path / "result.json")],
+        env={**os.environ, "VLMPIPE_HOME": str(vlmpipe_home)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    runs = vlmpipe_home / "runs" / "kill"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (runs.exists() and any(p.name.startswith(".tmp-") for p in runs.iterdir())):
+        time.sleep(0.01)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert not is_complete(runs / "merged")
+
+    from modal_jobs.export import export
+
+    result = export(request)
+    assert not result.cached and is_complete(runs / "merged")
