@@ -147,6 +147,8 @@ class ServeConfig(Section):
     gpu_memory_utilization: float = Field(0.4, gt=0.0, le=1.0)
     enforce_eager: bool = True
     startup_timeout_s: PositiveFloat = 300.0
+    max_model_len: PositiveInt = Field(8192, description="vLLM: longest prompt + answer accepted, in tokens.")
+    max_images_per_request: PositiveInt = Field(1, description="vLLM: images accepted in one request.")
     api_key_env: str | None = Field(
         None, description="Name of an environment variable holding an API key the endpoint will require."
     )

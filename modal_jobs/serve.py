@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
+import json
 import os
 import shutil
 import signal
@@ -131,6 +132,9 @@ def _command(backend: str, model_dir: Path, cfg: ServeConfig, port: int) -> tupl
             "--served-model-name", model_name,
             "--gpu-memory-utilization", str(cfg.gpu_memory_utilization),
             "--tensor-parallel-size", "1",
+            # Request size limits: a bounded context and one image per request (what this task sends).
+            "--max-model-len", str(cfg.max_model_len),
+            "--limit-mm-per-prompt", json.dumps({"image": cfg.max_images_per_request}),
         ]
         if cfg.enforce_eager:
             argv.append("--enforce-eager")

@@ -92,3 +92,18 @@ def test_export_killed_midway_leaves_nothing_that_looks_finished(vlmpipe_home, t
 
     result = export(request)
     assert not result.cached and is_complete(runs / "merged")
+
+
+def test_vllm_command_binds_loopback_bounds_requests_and_keeps_the_key_out_of_argv(tmp_path, monkeypatch):
+    """The vLLM command line as built here (vLLM itself is a CUDA build that does not run on this machine)."""
+    from modal_jobs import serve
+    from modal_jobs.config import ServeConfig
+
+    monkeypatch.setattr(serve, "_executable", lambda name, hint: f"/usr/bin/{name}")
+    monkeypatch.setenv("ENDPOINT_KEY", "sk-canary-123")
+    argv, name, env = serve._command("vllm", tmp_path, ServeConfig(api_key_env="ENDPOINT_KEY"), 8000)
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert argv[argv.index("--max-model-len") + 1] == "8192"
+    assert argv[argv.index("--limit-mm-per-prompt") + 1] == '{"image": 1}'
+    assert "--trust-remote-code" not in argv
+    assert "sk-canary-123" not in " ".join(argv) and env["VLLM_API_KEY"] == "sk-canary-123"
