@@ -9,12 +9,14 @@ the caller can tell bad input (never retried) from a transient failure.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import traceback
 from pathlib import Path
 
+from modal_jobs.errors import disk_full
 from modal_jobs.jobs import run_job
-from modal_jobs.storage import atomic_write_json
+from modal_jobs.storage import atomic_write_json, storage_root
 
 
 def main(argv: list[str]) -> int:
@@ -27,10 +29,13 @@ def main(argv: list[str]) -> int:
         result = run_job(stage, request)
     except Exception as error:  # reported to the parent, which re-raises it with its type
         traceback.print_exc()
-        atomic_write_json(
-            Path(result_path).absolute(),
-            {"ok": False, "error_type": type(error).__name__, "message": str(error)},
-        )
+        error_type, message = type(error).__name__, str(error)
+        if disk_full(error):
+            free = shutil.disk_usage(storage_root()).free if storage_root().exists() else 0
+            error_type = "StorageFullError"
+            message = (f"no space left on the storage root {storage_root()} ({free / 1e6:.1f} MB free) while "
+                       f"running {stage}: free some space or set VLMPIPE_HOME to a larger disk")
+        atomic_write_json(Path(result_path).absolute(), {"ok": False, "error_type": error_type, "message": message})
         return 1
     atomic_write_json(Path(result_path).absolute(), {"ok": True, "result": result.model_dump(mode="json")})
     return 0

@@ -107,3 +107,41 @@ def test_vllm_command_binds_loopback_bounds_requests_and_keeps_the_key_out_of_ar
     assert argv[argv.index("--limit-mm-per-prompt") + 1] == '{"image": 1}'
     assert "--trust-remote-code" not in argv
     assert "sk-canary-123" not in " ".join(argv) and env["VLLM_API_KEY"] == "sk-canary-123"
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MB tmpfs as the storage root: a real full disk (needs root, as here and in CI)."""
+    mount_point = tmp_path / "tiny-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_full_disk_fails_with_a_clear_message_and_no_finished_output(tiny_disk, tmp_path):
+    import json
+
+    from modal_jobs.config import SyntheticDatasetConfig
+    from tasks.executors import raise_job_error
+
+    request = PrepareDatasetRequest(
+        dataset=DatasetConfig(source="builtin:synthetic-latex-ocr", synthetic=SyntheticDatasetConfig(train_size=400)),
+        output_dir="datasets/too-big",
+    )
+    request_path = tmp_path / "request.json"
+    request_path.write_text(request.model_dump_json())
+    result_path = tmp_path / "result.json"
+    subprocess.run(
+        [sys.executable, "-m", "modal_jobs.runner", "prepare_dataset", str(request_path), str(result_path)],
+        env={**os.environ, "VLMPIPE_HOME": str(tiny_disk)}, capture_output=True, timeout=300,
+    )
+    outcome = json.loads(result_path.read_text())
+    assert outcome["error_type"] == "StorageFullError"
+    assert "no space left on the storage root" in outcome["message"] and str(tiny_disk) in outcome["message"]
+    assert not is_complete(tiny_disk / "datasets" / "too-big")
+    with pytest.raises(InputError):  # not retried: the disk stays full until someone acts
+        raise_job_error("prepare_dataset", outcome["error_type"], outcome["message"])
