@@ -145,3 +145,35 @@ def test_a_full_disk_fails_with_a_clear_message_and_no_finished_output(tiny_disk
     assert not is_complete(tiny_disk / "datasets" / "too-big")
     with pytest.raises(InputError):  # not retried: the disk stays full until someone acts
         raise_job_error("prepare_dataset", outcome["error_type"], outcome["message"])
+
+
+def _zero_size_png() -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 0, 0, 8, 2, 0, 0, 0)  # a header that claims a 0 x 0 image
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_zero_size_images_and_non_string_texts_are_named(vlmpipe_home, tmp_path, tiny_dataset_dir):
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    from modal_jobs.dataset import prepare_dataset
+
+    good = load_from_disk(str(tiny_dataset_dir))
+    images = [{"bytes": _png(row["image"]), "path": None} for row in good["train"]]
+    images[2] = {"bytes": _zero_size_png(), "path": None}
+    train = Dataset.from_dict({"image": images, "text": list(good["train"]["text"])}).cast(good["train"].features)
+    DatasetDict({"train": train, "test": good["test"]}).save_to_disk(str(tmp_path / "zero"))
+    with pytest.raises(InputError, match="'train' row 2: image"):
+        prepare_dataset(PrepareDatasetRequest(dataset=DatasetConfig(source=str(tmp_path / "zero")), output_dir="d/z"))
+
+    numbers = good["test"].remove_columns("text").add_column("text", list(range(len(good["test"]))))
+    DatasetDict({"train": good["train"], "test": numbers}).save_to_disk(str(tmp_path / "numbers"))
+    with pytest.raises(InputError, match="column 'text' .* holds Value\\('int64'\\), not text"):
+        prepare_dataset(PrepareDatasetRequest(dataset=DatasetConfig(source=str(tmp_path / "numbers")),
+                                              output_dir="d/n"))
+    assert not is_complete("d/z") and not is_complete("d/n")
