@@ -28,7 +28,7 @@ from modal_jobs.schemas import (
     ServeRequest,
     TrainRequest,
 )
-from modal_jobs.storage import atomic_write_json, check_writable, is_complete, resolve, storage_root
+from modal_jobs.storage import atomic_write_json, check_writable, resolve, storage_root
 from tasks import artifacts, stages
 from tasks.executors import ExecutorSpec, get_executor
 
@@ -48,11 +48,6 @@ class PipelineResult(BaseModel):
     metrics: dict[str, dict[str, Any]]
     results_files: dict[str, str]
     storage_root: str
-
-
-def _output_exists(location: str) -> bool:
-    path = resolve(location)
-    return is_complete(path) if not path.suffix else path.exists()
 
 
 def _last_components_path(name: str) -> Path:
@@ -83,9 +78,10 @@ def _stage_task(task, refresh: bool):
 
 def _submit(task, request: BaseModel, config: PipelineConfig, refresh: bool) -> PrefectFuture:
     """Start a stage's task on the executor configured for it (task names are stage names)."""
+    spec = ExecutorSpec.for_stage(config, task.name)
     # A cache record whose output has gone must not be handed back: recompute it instead.
-    refresh = refresh or not _output_exists(stages.output_location(request))
-    return _stage_task(task, refresh).submit(request, ExecutorSpec.for_stage(config, task.name))
+    refresh = refresh or not get_executor(spec).output_exists(stages.output_location(request))
+    return _stage_task(task, refresh).submit(request, spec)
 
 
 def _finish(stage_key: keys.StageKey, future: PrefectFuture, label: str | None = None) -> tuple[Any, str]:
@@ -114,7 +110,7 @@ def _evaluate_model(
         api_key_env=config.serve.api_key_env,
     )
     served = None
-    if refresh or not _output_exists(request.output_path):
+    if refresh or not get_executor(ExecutorSpec.for_stage(config, "evaluate")).output_exists(request.output_path):
         served = _stage_task(stages.serve, False).submit(
             ServeRequest(serve=config.serve, model_dir=model_dir), ExecutorSpec.for_stage(config, "serve")
         ).result()

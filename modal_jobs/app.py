@@ -237,17 +237,11 @@ def _enable_checkpoint_commits() -> None:
     """Commit the Volume whenever a job says its state must survive this container (each checkpoint), so a
     preempted train resumes from the last checkpoint rather than from the start.
 
-    Needs modal_jobs.storage.add_durability_hook (called by the trainer's on_save); until that exists the
-    Volume is committed only when a job succeeds.
+    The trainer's on_save calls modal_jobs.storage.make_durable, which runs the hooks registered here.
     """
-    from modal_jobs import storage
+    from modal_jobs.storage import add_durability_hook
 
-    register = getattr(storage, "add_durability_hook", None)
-    if register is None:
-        print("warning: modal_jobs.storage has no add_durability_hook: checkpoints are committed only when the "
-              "job ends", file=sys.stderr)
-        return
-    register(volume.commit)
+    add_durability_hook(volume.commit)
 
 
 def _error_envelope(error: BaseException) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +21,21 @@ from typing import Any
 MANIFEST_NAME = "vlmpipe_manifest.json"
 _CHUNK_BYTES = 64 * 1024 * 1024  # hashed independently, so one large safetensors file still uses every core
 _READ_BYTES = 8 * 1024 * 1024
+
+
+_DURABILITY_HOOKS: list[Callable[[], None]] = []
+
+
+def add_durability_hook(hook: Callable[[], None]) -> None:
+    """Run `hook` whenever a job reaches a state that must outlive this machine (a finished checkpoint).
+    On Modal it is `volume.commit` (registered by modal_jobs.app); a local disk already is durable."""
+    if hook not in _DURABILITY_HOOKS:
+        _DURABILITY_HOOKS.append(hook)
+
+
+def make_durable() -> None:
+    for hook in list(_DURABILITY_HOOKS):
+        hook()
 
 
 def storage_root() -> Path:

@@ -25,7 +25,7 @@ from modal_jobs.config import Executor as ExecutorName
 from modal_jobs.config import ModalConfig, PipelineConfig
 from modal_jobs.errors import INPUT_ERROR_TYPES, InputError
 from modal_jobs.jobs import result_type
-from modal_jobs.storage import storage_root
+from modal_jobs.storage import is_complete, resolve, storage_root
 
 PollCallback = Callable[[], None]
 POLL_INTERVAL_S = 1.0
@@ -42,6 +42,14 @@ class Executor(Protocol):
 
     def library_versions(self) -> dict[str, str]:
         """Versions of the libraries that change numerics where the job runs (part of the train key)."""
+        ...
+
+    def read_text(self, path: str) -> str:
+        """A storage-relative file a job wrote (e.g. evals/<key>.json), wherever the storage root is."""
+        ...
+
+    def output_exists(self, location: str) -> bool:
+        """Whether a stage's output is finished: a folder with its manifest, or a file."""
         ...
 
 
@@ -80,6 +88,13 @@ class LocalExecutor:
         from modal_jobs.keys import local_library_versions
 
         return local_library_versions()
+
+    def read_text(self, path: str) -> str:
+        return resolve(path).read_text()
+
+    def output_exists(self, location: str) -> bool:
+        path = resolve(location)
+        return is_complete(path) if not path.suffix else path.exists()
 
     def run(self, stage: str, request: BaseModel, on_poll: PollCallback | None = None) -> BaseModel:
         logs = storage_root() / "logs"
