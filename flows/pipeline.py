@@ -30,7 +30,7 @@ from modal_jobs.schemas import (
 )
 from modal_jobs.storage import atomic_write_json, check_writable, resolve, storage_root
 from tasks import artifacts, stages
-from tasks.executors import ExecutorSpec, get_executor
+from tasks.executors import ExecutorSpec, get_executor, stop_running_jobs
 
 
 class StageOutcome(BaseModel):
@@ -148,6 +148,15 @@ def _run_name() -> str:
 @flow(name="finetune-pipeline", flow_run_name=_run_name, log_prints=True)
 def finetune_pipeline(config: PipelineConfig = PipelineConfig(), refresh: bool = False) -> PipelineResult:
     """Prepare data and model, LoRA fine-tune, merge to 16-bit, serve, and evaluate base vs fine-tuned."""
+    try:
+        return _finetune_pipeline(config, refresh)
+    except BaseException:
+        # Interrupted or failed: no job (a training subprocess, a Modal call) may run on without its flow.
+        stop_running_jobs()
+        raise
+
+
+def _finetune_pipeline(config: PipelineConfig, refresh: bool) -> PipelineResult:
     from modal_jobs.dataset import source_fingerprint as dataset_source_fingerprint
     from modal_jobs.model import source_fingerprint as model_source_fingerprint
 

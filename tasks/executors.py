@@ -29,6 +29,8 @@ from modal_jobs.storage import is_complete, resolve, storage_root
 
 PollCallback = Callable[[], None]
 POLL_INTERVAL_S = 1.0
+# Job processes this process is waiting on: a flow interrupted in its own thread stops them (stop_running_jobs).
+_RUNNING_PROCESSES: set[subprocess.Popen] = set()
 
 
 class TransientJobError(RuntimeError):
@@ -114,6 +116,7 @@ class LocalExecutor:
                     env=env,
                     preexec_fn=_die_with_parent if sys.platform == "linux" else None,
                 )
+                _RUNNING_PROCESSES.add(process)
                 try:
                     while process.poll() is None:
                         time.sleep(POLL_INTERVAL_S)
@@ -124,6 +127,8 @@ class LocalExecutor:
                     process.kill()
                     process.wait()
                     raise
+                finally:
+                    _RUNNING_PROCESSES.discard(process)
             if on_poll is not None:
                 on_poll()
             if not result_path.exists():
@@ -134,6 +139,20 @@ class LocalExecutor:
         if not outcome["ok"]:
             raise_job_error(stage, outcome["error_type"], outcome["message"], _log_tail(log_path))
         return result_type(stage).model_validate(outcome["result"])
+
+
+def stop_running_jobs() -> int:
+    """Stop every job this process is waiting on (local subprocesses and Modal calls); returns how many.
+
+    For a flow interrupted in its own thread (Ctrl-C, cancellation): tasks running in Prefect's thread pool
+    never see the signal, and Prefect waits for them before it marks the run over."""
+    stopped = 0
+    for process in list(_RUNNING_PROCESSES):
+        process.kill()
+        stopped += 1
+    if "tasks.modal_executor" in sys.modules:
+        stopped += sys.modules["tasks.modal_executor"].stop_running_calls()
+    return stopped
 
 
 class ExecutorSpec(BaseModel):
