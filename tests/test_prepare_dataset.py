@@ -7,12 +7,12 @@ Run as: python -m pytest tests/test_prepare_dataset.py -q
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from modal_jobs import hub, storage
+from modal_jobs import storage
 from modal_jobs.config import BUILTIN_DATASET, DatasetConfig, SyntheticDatasetConfig
 from modal_jobs.dataset import prepare_dataset, source_fingerprint
 from modal_jobs.errors import InputError
@@ -23,14 +23,8 @@ SMALL = SyntheticDatasetConfig(train_size=20, test_size=5, seed=0)
 
 
 @pytest.fixture(autouse=True)
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    root = tmp_path / "home"
-    monkeypatch.setenv("VLMPIPE_HOME", str(root))
-    # No test may wait on the network: hub ids must be answered "unreachable" at once.
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    hub.hub_reachable.cache_clear()
-    yield root
-    hub.hub_reachable.cache_clear()
+def home(vlmpipe_home) -> Path:
+    return vlmpipe_home  # offline by declaration too: tests/conftest.py sets HF_HUB_OFFLINE for every test
 
 
 @pytest.fixture(scope="module")

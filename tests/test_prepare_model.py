@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from modal_jobs import hub
 from modal_jobs.config import BUILTIN_MODEL, ModelConfig, TinyModelConfig
 from modal_jobs.errors import InputError
 from modal_jobs.model import prepare_model, source_fingerprint
@@ -20,22 +19,14 @@ from modal_jobs.storage import MANIFEST_NAME, fingerprint_path, is_complete, res
 from modal_jobs.tiny_model import MM_TOKENS_PER_IMAGE, build_tiny_gemma3
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    build_tiny_gemma3(folder, TinyModelConfig())
-    return folder
+@pytest.fixture
+def tiny_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "home"
-    monkeypatch.setenv("VLMPIPE_HOME", str(root))
-    # Offline by declaration, so "not local" is decided at once instead of after a network timeout.
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    hub.hub_reachable.cache_clear()
-    yield root
-    hub.hub_reachable.cache_clear()
+def home(vlmpipe_home) -> Path:
+    return vlmpipe_home  # offline by declaration too: tests/conftest.py sets HF_HUB_OFFLINE for every test
 
 
 def _equation_image(text: str, background: str = "white"):
