@@ -2,7 +2,8 @@
 
     finetune-pipeline/latex-ocr        manual; parameters = the production config (PipelineConfig defaults,
                                        or the file passed as --config); the UI renders the pydantic form
-    finetune-pipeline/nightly-retrain  cron 0 3 * * * UTC, parameters set on the schedule itself
+    retrain/nightly                    cron 0 3 * * * UTC, parameters set on the schedule itself: the retrain
+                                       flow (pipeline, then promote only if it beats the registry's champion)
     finetune-pipeline/embedded         manual; PipelineConfig.embedded(): finishes on one CPU, for local use
     evaluate/adhoc                     manual; base_url and model_name are asked for at run time
 
@@ -37,6 +38,7 @@ def build_deployments(production_config=None) -> list:
     from prefect.schedules import Cron
 
     from flows.pipeline import evaluate_endpoint, finetune_pipeline
+    from flows.retrain import retrain
     from modal_jobs.config import PipelineConfig
 
     production = production_config or PipelineConfig()
@@ -48,15 +50,18 @@ def build_deployments(production_config=None) -> list:
             parameters={**_config_parameters(production), "refresh": False},
             **common,
         ),
-        finetune_pipeline.to_deployment(
-            name="nightly-retrain",
-            description=f"The production fine-tune every night ({NIGHTLY_CRON} {NIGHTLY_TIMEZONE}); "
-            "unchanged inputs are cache hits, so a night without new data costs only the key checks.",
+        retrain.to_deployment(
+            name="nightly",
+            description=f"Retrain every night ({NIGHTLY_CRON} {NIGHTLY_TIMEZONE}) and promote the model only if it "
+            "beats the registry's champion by the configured margin; unchanged inputs are cache hits, so a night "
+            "without new data costs only the key checks and keeps the champion.",
             parameters={**_config_parameters(production), "refresh": False},
             schedules=[
                 Cron(NIGHTLY_CRON, timezone=NIGHTLY_TIMEZONE,
                      parameters={**_config_parameters(production), "refresh": False}),
             ],
+            # Two retrains at once would train the same thing twice; the registry stays consistent either way.
+            concurrency_limit=1,
             **common,
         ),
         finetune_pipeline.to_deployment(

@@ -4,6 +4,8 @@ Run as: vlmpipe run [--config FILE] [--set section.key=value ...] [--json] [--re
         vlmpipe eval --base-url URL --model NAME [--config FILE] [--set ...]
         vlmpipe serve MODEL_DIR [--port N]
         vlmpipe deploy [--config FILE] [--pool NAME]      (against PREFECT_API_URL)
+        vlmpipe retrain [--config FILE] [--set ...] [--json] [--refresh]
+        vlmpipe registry [--name NAME] [--json]            vlmpipe rollback [--name NAME]
 
 With no --config, `vlmpipe run` is the embedded default: a tiny Gemma 3 vision model, a synthetic LaTeX OCR
 set and a local server, all on this machine, with Prefect's ephemeral API.
@@ -148,6 +150,94 @@ def deploy(
     except Exception as error:
         _fail(error)
     typer.echo(f"{len(ids)} deployments on work pool {pool!r}; start a worker: prefect worker start --pool {pool}")
+
+
+RegistryOption = Annotated[
+    Optional[str], typer.Option("--name", "-n", help="Registry name (default: promote.registry_name, latex-ocr).")
+]
+
+
+def _registry_name(name: str | None) -> str:
+    from modal_jobs.config import PromoteConfig
+
+    return name or PromoteConfig().registry_name
+
+
+def _entry_line(entry) -> str:
+    from modal_jobs.storage import resolve
+
+    value = "—" if entry.metric_value is None else f"{entry.metric_value:.4f}"
+    return f"{entry.decided_at}  {entry.event:<9} {entry.metric} {value:<7} {resolve(entry.merged_dir)}"
+
+
+@app.command()
+def retrain(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object last: verdict, numbers, paths.")] = False,
+    refresh: Annotated[bool, typer.Option("--refresh", help="Recompute every stage, ignoring the cache.")] = False,
+) -> None:
+    """Run the pipeline, then promote the fine-tuned model only if it beats the registry's champion."""
+    pipeline_config = _config(config, set_)
+    from flows.retrain import retrain as retrain_flow
+
+    try:
+        result = retrain_flow(config=pipeline_config, refresh=refresh)
+    except Exception as error:
+        _fail(error)
+    if as_json:
+        sys.stdout.write(result.model_dump_json() + "\n")
+        return
+    typer.echo("")
+    for stage, state in result.stages.items():
+        typer.echo(f"  {stage:<20} {state}")
+    typer.echo(f"\n{result.decision.reason}\nchampion ({result.registry}): {result.champion_merged_dir}")
+
+
+@app.command()
+def registry(
+    name: RegistryOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the registry file's content.")] = False,
+) -> None:
+    """Show the champion and the history of promotions, rejections and rollbacks."""
+    from modal_jobs.registry import RegistryError, read_registry, registry_path
+    from modal_jobs.storage import resolve
+
+    name = _registry_name(name)
+    try:
+        current = read_registry(name)
+    except RegistryError as error:
+        _fail(error)
+    if as_json:
+        sys.stdout.write(current.model_dump_json() + "\n")
+        return
+    typer.echo(f"registry {name} ({registry_path(name)})")
+    champion = current.champion
+    if champion is None:
+        typer.echo("champion: none yet (run `vlmpipe retrain`)")
+    else:
+        value = "—" if champion.metric_value is None else f"{champion.metric_value:.4f}"
+        typer.echo(f"champion: {resolve(champion.merged_dir)}\n  {champion.metric} {value} "
+                   f"since {champion.decided_at}: {champion.reason}")
+    if current.history:
+        typer.echo("history (oldest first):")
+        for entry in current.history:
+            typer.echo("  " + _entry_line(entry))
+
+
+@app.command()
+def rollback(name: RegistryOption = None) -> None:
+    """Restore the previous champion (the rolled-back model is not promoted again automatically)."""
+    from modal_jobs.registry import RegistryError
+    from modal_jobs.registry import rollback as registry_rollback
+    from modal_jobs.storage import resolve
+
+    name = _registry_name(name)
+    try:
+        updated = registry_rollback(name)
+    except RegistryError as error:
+        _fail(error)
+    typer.echo(f"{updated.history[-1].reason}\nchampion ({name}): {resolve(updated.champion.merged_dir)}")
 
 
 if __name__ == "__main__":

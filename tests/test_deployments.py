@@ -1,7 +1,7 @@
 """The deployments against a real Prefect server and a real process worker, run from the shell.
 
 One test: start `prefect server start` (its own PREFECT_HOME and SQLite file under tmp_path), register the
-deployments, check the nightly cron made scheduled runs, start `prefect worker start`, then
+deployments, check the nightly retrain's cron made scheduled runs, start `prefect worker start`, then
 `prefect deployment run 'finetune-pipeline/embedded' --params ... --watch` with a tiny config, and check
 the run and its artifacts through the API. Every process is stopped by pid (its whole process group, then
 any descendant left) in a finally.
@@ -134,15 +134,15 @@ def test_embedded_deployment_runs_from_the_shell(tmp_path):
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
-            names = {"finetune-pipeline/latex-ocr", "finetune-pipeline/nightly-retrain",
-                     "finetune-pipeline/embedded", "evaluate/adhoc"}
+            names = {"finetune-pipeline/latex-ocr", "retrain/nightly", "finetune-pipeline/embedded", "evaluate/adhoc"}
             deployments = {name: client.read_deployment_by_name(name) for name in names}
             assert all(d.work_pool_name == POOL for d in deployments.values())
             assert deployments["finetune-pipeline/latex-ocr"].parameters["config"] == \
                 PipelineConfig().model_dump(mode="json")
             assert deployments["finetune-pipeline/embedded"].parameters["config"] == \
                 PipelineConfig.embedded().model_dump(mode="json")
-            nightly = deployments["finetune-pipeline/nightly-retrain"]
+            nightly = deployments["retrain/nightly"]
+            assert nightly.entrypoint == "flows.retrain.retrain"
             assert [s.schedule.cron for s in nightly.schedules] == ["0 3 * * *"]
             assert nightly.schedules[0].parameters["config"] == PipelineConfig().model_dump(mode="json")
             # The server schedules runs right after the deployment is written, but not always before
