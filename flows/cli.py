@@ -153,14 +153,14 @@ def deploy(
 
 
 RegistryOption = Annotated[
-    Optional[str], typer.Option("--name", "-n", help="Registry name (default: promote.registry_name, latex-ocr).")
+    Optional[str],
+    typer.Option("--name", "-n", help="Registry name (default: promote.registry_name of --config, or the embedded "
+                                      "default's without one, as `vlmpipe retrain` would use)."),
 ]
 
 
-def _registry_name(name: str | None) -> str:
-    from modal_jobs.config import PromoteConfig
-
-    return name or PromoteConfig().registry_name
+def _registry_name(name: str | None, config: Path | None) -> str:
+    return name or _config(config, None).promote.registry_name
 
 
 def _entry_line(entry) -> str:
@@ -197,13 +197,14 @@ def retrain(
 @app.command()
 def registry(
     name: RegistryOption = None,
+    config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the registry file's content.")] = False,
 ) -> None:
     """Show the champion and the history of promotions, rejections and rollbacks."""
     from modal_jobs.registry import RegistryError, read_registry, registry_path
     from modal_jobs.storage import resolve
 
-    name = _registry_name(name)
+    name = _registry_name(name, config)
     try:
         current = read_registry(name)
     except RegistryError as error:
@@ -226,13 +227,13 @@ def registry(
 
 
 @app.command()
-def rollback(name: RegistryOption = None) -> None:
+def rollback(name: RegistryOption = None, config: ConfigOption = None) -> None:
     """Restore the previous champion (the rolled-back model is not promoted again automatically)."""
     from modal_jobs.registry import RegistryError
     from modal_jobs.registry import rollback as registry_rollback
     from modal_jobs.storage import resolve
 
-    name = _registry_name(name)
+    name = _registry_name(name, config)
     try:
         updated = registry_rollback(name)
     except RegistryError as error:

@@ -19,6 +19,8 @@ from pydantic import BaseModel
 
 from modal_jobs import keys
 from modal_jobs.config import PipelineConfig
+from modal_jobs.encode import EncodeRequest
+from modal_jobs.consistency import ConsistencyRequest
 from modal_jobs.schemas import (
     EvaluateRequest,
     EvaluateResult,
@@ -26,6 +28,7 @@ from modal_jobs.schemas import (
     PrepareDatasetRequest,
     PrepareModelRequest,
     ServeRequest,
+    ServeResult,
     TrainRequest,
 )
 from modal_jobs.storage import atomic_write_json, check_writable, resolve, storage_root
@@ -96,11 +99,19 @@ def _finish(stage_key: keys.StageKey, future: PrefectFuture, label: str | None =
     return result, state_name
 
 
+def _serve(config: PipelineConfig, model_dir: str) -> ServeResult:
+    return _stage_task(stages.serve, False).submit(
+        ServeRequest(serve=config.serve, model_dir=model_dir), ExecutorSpec.for_stage(config, "serve")
+    ).result()
+
+
 def _evaluate_model(
     config: PipelineConfig, label: str, model_dir: str, model_identity: str, dataset_fingerprint: str,
-    dataset_dir: str, refresh: bool, outcomes: dict[str, StageOutcome],
+    dataset_dir: str, refresh: bool, outcomes: dict[str, StageOutcome], served: ServeResult | None = None,
 ) -> EvaluateResult:
-    """Serve the model only when its evaluation is not already on disk, then evaluate and stop the server."""
+    """Serve the model only when its evaluation is not already on disk, then evaluate and stop the server.
+
+    With `served`, that server is used and left running (its caller stops it)."""
     from modal_jobs.serve import stop_server
 
     eval_key = keys.evaluate_key(model_identity, dataset_fingerprint, config.evaluate, config.instruction)
@@ -109,21 +120,20 @@ def _evaluate_model(
         instruction=config.instruction, output_path=f"evals/{eval_key.key}.json", label=label,
         api_key_env=config.serve.api_key_env,
     )
-    served = None
+    started = None
     if refresh or not get_executor(ExecutorSpec.for_stage(config, "evaluate")).output_exists(request.output_path):
-        served = _stage_task(stages.serve, False).submit(
-            ServeRequest(serve=config.serve, model_dir=model_dir), ExecutorSpec.for_stage(config, "serve")
-        ).result()
-        outcomes[f"serve_{label}"] = StageOutcome(state="Completed", output=served.base_url)
+        if served is None:
+            served = started = _serve(config, model_dir)
+            outcomes[f"serve_{label}"] = StageOutcome(state="Completed", output=served.base_url)
         request = request.model_copy(update={"base_url": served.base_url, "model_name": served.model_name})
-    else:
+    elif served is None:
         outcomes[f"serve_{label}"] = StageOutcome(state="Skipped", output="evaluation already on disk")
     try:
         result, state = _finish(eval_key, _submit(stages.evaluate, request, config, refresh),
                                 label=f"evaluate_{label}")
     finally:
-        if served is not None and served.pid is not None:
-            stop_server(served.pid)
+        if started is not None and started.pid is not None:
+            stop_server(started.pid)
     outcomes[f"evaluate_{label}"] = StageOutcome(state=state, output=result.results_path, key=eval_key.key)
     artifacts.publish_output(f"eval-results-{label}", result.results_path, f"Evaluation results ({label})")
     return result
@@ -199,6 +209,26 @@ def _finetune_pipeline(config: PipelineConfig, refresh: bool) -> PipelineResult:
         output_dir=f"runs/{train_key.key}", instruction=config.instruction,
     )
     atomic_write_json(f"runs/{train_key.key}/pipeline_config.json", config.model_dump(mode="json"))
+    # encode_images: the frozen vision tower once per training image; train (and every retrain or sweep on this
+    # base model and data) reads the features instead of pixels. Skipped when vision layers train, or when the
+    # adapter is already on disk (train is then a cache hit and needs no inputs).
+    train_on_disk = get_executor(ExecutorSpec.for_stage(config, "train")).output_exists(train_request.adapter_dir)
+    if config.train.finetune_vision_layers:
+        outcomes["encode_images"] = StageOutcome(state="Skipped", output="train.finetune_vision_layers: pixels")
+    elif train_on_disk and not refresh:
+        outcomes["encode_images"] = StageOutcome(state="Skipped", output="adapter already on disk")
+    else:
+        encode_key = keys.encode_images_key(
+            dataset.fingerprint, model.fingerprint, config.model.dtype,
+            get_executor(ExecutorSpec.for_stage(config, "encode_images")).library_versions(),
+        )
+        encode_request = EncodeRequest(model=config.model, dataset_dir=dataset.path, model_dir=model.path,
+                                       output_dir=f"features/{encode_key.key}")
+        encoded, state = _finish(encode_key, _submit(stages.encode_images, encode_request, config, refresh))
+        outcomes["encode_images"] = StageOutcome(state=state, output=encoded.features_dir, key=encode_key.key)
+        artifacts.publish_output("image-features", encoded.features_dir,
+                                 f"{encoded.num_images} images encoded ({encoded.size_bytes / 1e9:.1f} GB)")
+        train_request = train_request.model_copy(update={"features_dir": encoded.features_dir})
     trained, state = _finish(train_key, _submit(stages.train, train_request, config, refresh))
     outcomes["train"] = StageOutcome(state=state, output=trained.adapter_dir, key=train_key.key)
     artifacts.publish_output("train-adapter", trained.adapter_dir, f"LoRA adapter, {trained.global_step} steps, "
@@ -215,11 +245,46 @@ def _finetune_pipeline(config: PipelineConfig, refresh: bool) -> PipelineResult:
     outcomes["export"] = StageOutcome(state=state, output=exported.merged_dir, key=export_key.key)
     artifacts.publish_output("merged-model", exported.merged_dir, f"Merged {exported.dtype} model")
 
+    # Train/serve consistency before anything is evaluated or promoted: the served merged model against the
+    # adapter and the training prompt, on a few test images. One server for the check and the fine-tuned
+    # evaluation, none when both are on disk. A mismatch fails the run, with its report as an artifact.
+    from modal_jobs.serve import stop_server
+
+    finetuned_identity = f"export:{export_key.key}"
+    check_key = keys.consistency_key(export_key.key, dataset.fingerprint, config.serve, config.instruction)
+    check_request = ConsistencyRequest(
+        model_dir=model.path, adapter_dir=trained.adapter_dir, merged_dir=exported.merged_dir,
+        dataset_dir=dataset.path, instruction=config.instruction, api_key_env=config.serve.api_key_env,
+        output_path=f"runs/{train_key.key}/consistency-{check_key.key}.json",
+    )
+    finetuned_eval = "evals/" + keys.evaluate_key(finetuned_identity, dataset.fingerprint, config.evaluate,
+                                                  config.instruction).key + ".json"
+    on_disk = get_executor(ExecutorSpec.for_stage(config, "consistency")).output_exists
+    served = None
+    if refresh or not on_disk(check_request.output_path) or not get_executor(
+        ExecutorSpec.for_stage(config, "evaluate")
+    ).output_exists(finetuned_eval):
+        served = _serve(config, exported.merged_dir)
+        outcomes["serve_finetuned"] = StageOutcome(state="Completed", output=served.base_url)
+        check_request = check_request.model_copy(update={"base_url": served.base_url, "model_name": served.model_name})
+    else:
+        outcomes["serve_finetuned"] = StageOutcome(state="Skipped", output="check and evaluation already on disk")
+    try:
+        checked, state = _finish(check_key, _submit(stages.consistency, check_request, config, refresh))
+        outcomes["consistency"] = StageOutcome(
+            state=state if checked.passed else "Failed", output=checked.report_path, key=check_key.key
+        )
+        artifacts.publish_consistency(checked)
+        checked.raise_for_mismatch()
+        finetuned = _evaluate_model(config, "finetuned", exported.merged_dir, finetuned_identity,
+                                    dataset.fingerprint, dataset.path, refresh, outcomes, served=served)
+    finally:
+        if served is not None and served.pid is not None:
+            stop_server(served.pid)
     evaluations = {
         "base": _evaluate_model(config, "base", model.path, model.fingerprint, dataset.fingerprint, dataset.path,
                                 refresh, outcomes),
-        "finetuned": _evaluate_model(config, "finetuned", exported.merged_dir, f"export:{export_key.key}",
-                                     dataset.fingerprint, dataset.path, refresh, outcomes),
+        "finetuned": finetuned,
     }
     artifacts.publish_metrics(evaluations)
     artifacts.publish_eval_report(evaluations)

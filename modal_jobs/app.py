@@ -197,9 +197,11 @@ STAGE_SPECS: dict[str, StageSpec] = {
     # The frozen vision tower run once over every image, so training can read features instead of pixels
     # (~5.5 TFLOP an image at 896 px). On the training GPU unless StageGpus names one for it.
     "encode_images": StageSpec(
-        gpu_image, getattr(GPUS, "encode_images", GPUS.train), 3 * HOURS, cpu=4.0, memory_mib=32 * 1024
+        gpu_image, GPUS.encode_images, 3 * HOURS, cpu=4.0, memory_mib=32 * 1024
     ),
     "export": StageSpec(gpu_image, GPUS.export, 1 * HOURS, cpu=4.0, memory_mib=32 * 1024),
+    # Base + adapter beside the merged model on a handful of images, and a few requests to the endpoint.
+    "consistency": StageSpec(gpu_image, GPUS.consistency, 1 * HOURS, cpu=4.0, memory_mib=48 * 1024),
     # Points the endpoint at a model and waits for it: no GPU of its own (the endpoint has one).
     "serve": StageSpec(cpu_image, None, SERVE_READY_TIMEOUT_S + 5 * MINUTES, cpu=1.0, memory_mib=1024),
     "evaluate": StageSpec(cpu_image, GPUS.evaluate, 2 * HOURS, cpu=2.0, memory_mib=4 * 1024),
@@ -293,6 +295,11 @@ def encode_images(request: dict[str, Any]) -> dict[str, Any]:
 @app.function(**_function_options("export"))
 def export(request: dict[str, Any]) -> dict[str, Any]:
     return run_stage("export", request)
+
+
+@app.function(**_function_options("consistency"))
+def consistency(request: dict[str, Any]) -> dict[str, Any]:
+    return run_stage("consistency", request)
 
 
 @app.function(**_function_options("evaluate"))

@@ -18,8 +18,12 @@ BUILTIN_DATASET = "builtin:synthetic-latex-ocr"
 BUILTIN_MODEL = "builtin:tiny-gemma3"
 
 Executor = Literal["local", "modal"]
-StageName = Literal["prepare_dataset", "prepare_model", "train", "export", "serve", "evaluate"]
-STAGES: tuple[str, ...] = ("prepare_dataset", "prepare_model", "train", "export", "serve", "evaluate")
+StageName = Literal[
+    "prepare_dataset", "prepare_model", "encode_images", "train", "export", "consistency", "serve", "evaluate"
+]
+STAGES: tuple[str, ...] = (
+    "prepare_dataset", "prepare_model", "encode_images", "train", "export", "consistency", "serve", "evaluate"
+)
 
 
 # Names that become file or app names: no path separators, no `..`, so they cannot escape the storage root.
@@ -155,6 +159,8 @@ class ServeConfig(Section):
 
 
 class EvaluateConfig(Section):
+    """Scoring rules are in modal_jobs.metrics and modal_jobs.latex_norm (module docstrings)."""
+
     num_samples: PositiveInt = 100
     concurrency: PositiveInt = Field(8, description="Requests in flight at once.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 is greedy decoding, the default for evaluation.")
@@ -162,6 +168,24 @@ class EvaluateConfig(Section):
     request_timeout_s: PositiveFloat = 120.0
     max_retries: int = Field(2, ge=0, description="Retries for a failed request (connection errors, 5xx).")
     examples_in_report: int = Field(20, ge=0)
+    worst_in_report: int = Field(10, ge=0, description="Worst predictions (by normalized CER) shown in the report.")
+    normalize_left_right: bool = Field(
+        True, description="Normalized metrics treat `\\left(` as `(` (and drop \\big & co.); false keeps them."
+    )
+    render_check: bool = Field(
+        False,
+        description=(
+            "Also render prediction and reference (matplotlib mathtext, ~10 ms each): equal images count as a "
+            "match (render_match); predictions that do not render are counted (render_failed)."
+        ),
+    )
+    bootstrap_resamples: int = Field(1000, ge=0, description="Bootstrap resamples for the intervals; 0: no intervals.")
+    confidence_level: float = Field(0.95, gt=0.0, lt=1.0, description="Coverage of the bootstrap intervals.")
+    bootstrap_seed: int = Field(0, description="Fixed, so the same predictions always give the same intervals.")
+    length_buckets: list[PositiveInt] = Field(
+        default_factory=lambda: [10, 20, 40, 80],
+        description="Bucket edges in reference tokens for the per-length breakdown (1-10, 11-20, ..., 81+).",
+    )
 
 
 class PromoteConfig(Section):
@@ -178,8 +202,10 @@ class StageGpus(Section):
 
     prepare_dataset: str | None = None
     prepare_model: str | None = Field(None, description="Downloading weights needs no GPU.")
+    encode_images: str | None = Field("A100-80GB", description="The frozen vision tower over every image, once.")
     train: str | None = "A100-80GB"
     export: str | None = "A100-80GB"
+    consistency: str | None = Field("A100-80GB", description="Loads base + adapter and the merged model side by side.")
     serve: str | None = "L40S"
     evaluate: str | None = None
 
@@ -260,6 +286,8 @@ EMBEDDED_OVERRIDES: dict[str, Any] = {
         "optim": "adamw_torch",
     },
     "evaluate": {"num_samples": 40, "max_tokens": 64, "concurrency": 4},
+    # Its own champion: the tiny model must never compete with a real job's on a shared storage root.
+    "promote": {"registry_name": "embedded"},
 }
 
 

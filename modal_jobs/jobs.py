@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from modal_jobs import schemas
+from modal_jobs import consistency, encode, schemas  # request and result types (pydantic only at import)
 
 # stage name: (module, function, request type, result type)
 JOBS: dict[str, tuple[str, str, type[BaseModel], type[BaseModel]]] = {
@@ -20,9 +20,13 @@ JOBS: dict[str, tuple[str, str, type[BaseModel], type[BaseModel]]] = {
     ),
     "prepare_model": ("modal_jobs.model", "prepare_model", schemas.PrepareModelRequest, schemas.PrepareModelResult),
     "train": ("modal_jobs.train", "train", schemas.TrainRequest, schemas.TrainResult),
+    "encode_images": ("modal_jobs.encode", "encode_images", encode.EncodeRequest, encode.EncodeResult),
     "export": ("modal_jobs.export", "export", schemas.ExportRequest, schemas.ExportResult),
     "serve": ("modal_jobs.serve", "serve", schemas.ServeRequest, schemas.ServeResult),
     "evaluate": ("modal_jobs.evaluate", "evaluate", schemas.EvaluateRequest, schemas.EvaluateResult),
+    "consistency": (
+        "modal_jobs.consistency", "consistency", consistency.ConsistencyRequest, consistency.ConsistencyResult
+    ),
 }
 
 

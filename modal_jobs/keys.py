@@ -17,11 +17,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from modal_jobs.config import DatasetConfig, EvaluateConfig, ExportConfig, ModelConfig, TrainConfig
+from modal_jobs.config import DatasetConfig, EvaluateConfig, ExportConfig, ModelConfig, ServeConfig, TrainConfig
 from modal_jobs.storage import short_hash
 
 # Bump when a stage's code changes what it produces, so old outputs are not reused.
-CODE_VERSIONS = {"prepare_dataset": "1", "prepare_model": "1", "train": "1", "export": "1", "evaluate": "1"}
+CODE_VERSIONS = {"prepare_dataset": "1", "prepare_model": "1", "train": "1", "export": "1", "evaluate": "2"}
 
 # Train settings that do not change the weights learned: left out of the key.
 _TRAIN_FIELDS_NOT_IN_KEY = {"run_name", "wandb_project", "logging_steps", "save_total_limit", "save_steps"}
@@ -90,7 +90,11 @@ def export_key(train_key: str, export: ExportConfig) -> StageKey:
 
 
 def evaluate_key(model_identity: str, dataset_fingerprint: str, evaluate: EvaluateConfig, instruction: str) -> StageKey:
-    settings = evaluate.model_dump(include={"num_samples", "temperature", "max_tokens"})
+    # Everything that changes the results file; concurrency, timeouts and retries do not.
+    settings = evaluate.model_dump(include={
+        "num_samples", "temperature", "max_tokens", "normalize_left_right", "render_check", "bootstrap_resamples",
+        "confidence_level", "bootstrap_seed", "length_buckets", "worst_in_report", "examples_in_report",
+    })
     return _key("evaluate", {"model": model_identity, "dataset_fingerprint": dataset_fingerprint,
                              "evaluate": settings, "instruction": instruction})
 
@@ -105,3 +109,64 @@ def changed_components(old: dict[str, Any], new: dict[str, Any], prefix: str = "
         elif a != b:
             changed.append(f"{prefix}{name}")
     return changed
+
+
+# --- encode_images (appended) -------------------------------------------------------------------------
+
+CODE_VERSIONS["encode_images"] = "1"
+
+
+def encode_features_key(
+    dataset_fingerprint: str,
+    split: str,
+    vision_fingerprint: str,
+    processor_signature: str,
+    dtype: str,
+    library_versions: dict[str, str],
+) -> StageKey:
+    """The image-feature cache: what the frozen vision tower + projector make of every image of a split.
+
+    Keyed on the vision weights alone (not the whole model), so a retrain or a sweep on the same base model and
+    data reuses it; and on everything else that changes the numbers: the processor's image settings (size,
+    resampling, normalisation), the dtype the tower ran in and the libraries that computed it.
+    """
+    return _key(
+        "encode_images",
+        {
+            "dataset_fingerprint": dataset_fingerprint,
+            "split": split,
+            "vision_fingerprint": vision_fingerprint,
+            "processor_signature": processor_signature,
+            "dtype": dtype,
+            "libraries": {name: version for name, version in library_versions.items() if name in ("torch", "transformers")},
+        },
+    )
+
+
+def encode_images_key(
+    dataset_fingerprint: str, model_fingerprint: str, dtype: str, library_versions: dict[str, str]
+) -> StageKey:
+    """The orchestrator's name for an encode_images output, from the fingerprints a flow holds (it cannot read
+    the weights when they live on a Modal Volume). The whole model's fingerprint covers its vision weights and
+    its processor files, so a hit here is never stale; the job records the exact components (vision weights
+    alone, processor settings) in the cache's manifest, and the train job checks those before using it."""
+    return _key(
+        "encode_images",
+        {
+            "dataset_fingerprint": dataset_fingerprint,
+            "model_fingerprint": model_fingerprint,
+            "dtype": dtype,
+            "libraries": {name: version for name, version in library_versions.items() if name in ("torch", "transformers")},
+        },
+    )
+
+
+# --- consistency ---------------------------------------------------------------------------------------
+
+CODE_VERSIONS["consistency"] = "1"
+
+
+def consistency_key(export_key: str, dataset_fingerprint: str, serve: ServeConfig, instruction: str) -> StageKey:
+    """The train/serve check of one export, served by one kind of server, on one test set."""
+    return _key("consistency", {"export_key": export_key, "dataset_fingerprint": dataset_fingerprint,
+                                "serve": serve.model_dump(include={"backend"}), "instruction": instruction})

@@ -90,6 +90,9 @@ class Decision(BaseModel):
         None, description="The candidate number actually compared: its value, or the conservative interval end."
     )
     champion_value: float | None = None
+    champion_interval: list[float] | None = Field(
+        None, description="The champion's interval on the metric, when it has one: its optimistic end is the bar."
+    )
     champion_merged_dir: str | None = None
 
     @property
@@ -166,9 +169,12 @@ def decide(candidate_metrics: dict[str, Any], champion: Entry | None, promote: P
     interval = (candidate_metrics.get("intervals") or {}).get(metric)
     interval = [float(x) for x in interval] if interval and len(interval) == 2 else None
     bar = champion.metrics.get(metric) if champion is not None else None
+    champion_interval = (champion.metrics.get("intervals") or {}).get(metric) if champion is not None else None
+    champion_interval = [float(x) for x in champion_interval] if champion_interval and len(champion_interval) == 2 else None
     base = dict(metric=metric, lower_is_better=lower, margin=margin, candidate_value=value,
                 candidate_interval=interval, champion_value=bar,
-                champion_merged_dir=champion.merged_dir if champion is not None else None)
+                champion_merged_dir=champion.merged_dir if champion is not None else None,
+                champion_interval=champion_interval)
 
     failed = candidate_metrics.get("num_failed") or 0
     scored = candidate_metrics.get("num_scored") or 0
@@ -190,13 +196,23 @@ def decide(candidate_metrics: dict[str, Any], champion: Entry | None, promote: P
     if bar is None:
         return Decision(verdict="promoted", **base, reason=(
             f"promoted: the champion has no {metric} value to defend; candidate {metric} {_fmt(value)}"))
+    # Both intervals known: compare intervals, not points. The candidate's pessimistic end must beat the
+    # champion's optimistic end (lo for an error rate, hi for exact match) by the margin: the intervals must
+    # not overlap. The champion's point value is the bar only when it has no interval (an older evaluation).
+    if interval is not None and champion_interval is not None:
+        bar = champion_interval[0] if lower else champion_interval[1]
     improvement = (bar - compared) if lower else (compared - bar)
     direction = "lower" if lower else "higher"
+    if interval is not None and champion_interval is not None:
+        what_bar = (f"{_fmt(champion.metrics.get(metric))} (interval {_fmt(champion_interval[0])}–"
+                    f"{_fmt(champion_interval[1])}, compared at {_fmt(bar)}; intervals compared, not point values)")
+    else:
+        what_bar = _fmt(bar) + ("" if interval is None else " (point value: the champion has no interval)")
     what = f"{metric} {_fmt(value)}" + (
         f" (interval {_fmt(interval[0])}–{_fmt(interval[1])}, compared at {_fmt(compared)})" if interval else "")
     if improvement > 0 and improvement >= margin - 1e-12:
         return Decision(verdict="promoted", **base, reason=(
-            f"promoted: candidate {what} beats the champion's {_fmt(bar)} by {_fmt(improvement)} "
+            f"promoted: candidate {what} beats the champion's {what_bar} by {_fmt(improvement)} "
             f"({direction} is better; margin {margin:g})"))
     if improvement > 0:
         why = f"better by only {_fmt(improvement)}, less than the margin {margin:g}"
@@ -205,7 +221,7 @@ def decide(candidate_metrics: dict[str, Any], champion: Entry | None, promote: P
     else:
         why = f"worse by {_fmt(-improvement)}"
     return Decision(verdict="rejected", **base, reason=(
-        f"rejected: candidate {what} is {why} than the champion's {_fmt(bar)} ({direction} is better)"))
+        f"rejected: candidate {what} is {why} than the champion's {what_bar} ({direction} is better)"))
 
 
 def _rolled_back(registry: Registry, merged_dir: str) -> Entry | None:

@@ -70,6 +70,13 @@ class TrainRequest(Message):
     model_dir: str
     output_dir: str = Field(description="The run folder: checkpoints/ while training, lora/ when done.")
     instruction: str
+    features_dir: str | None = Field(
+        None,
+        description=(
+            "An encode_images output for this dataset and model: with vision layers frozen, training reads the "
+            "cached image features instead of running the vision tower (the job checks that the cache matches)."
+        ),
+    )
 
     @property
     def adapter_dir(self) -> str:
@@ -143,12 +150,27 @@ class EvaluateRequest(Message):
 
 
 class Metrics(Message):
+    """Corpus metrics over the scored samples (definitions: modal_jobs.metrics). New fields default to None
+    or empty, so results written before they existed still load."""
+
     exact_match: float | None
     cer: float | None
     wer: float | None
     num_samples: int
     num_scored: int
     num_failed: int
+    normalized_exact_match: float | None = None
+    normalized_cer: float | None = None
+    normalized_wer: float | None = None
+    token_edit_rate: float | None = None
+    render_match: float | None = Field(None, description="None unless evaluate.render_check.")
+    render_failed: int | None = Field(None, description="Predictions that did not render (None unless checked).")
+    render_reference_failed: int | None = Field(None, description="References that did not render.")
+    intervals: dict[str, list[float]] = Field(
+        default_factory=dict, description="Per metric: [low, high] percentile-bootstrap interval over scored samples."
+    )
+    confidence_level: float | None = None
+    bootstrap_resamples: int | None = None
 
 
 class EvaluateResult(Message):

@@ -4,6 +4,14 @@ Backends: Unsloth's FastVisionModel when CUDA is present (or asked for), TRL's S
 Both train on the same rows (modal_jobs.prompts.training_row: a conversational prompt/completion pair plus
 the image) through TRL's vision collator, so the loss covers the answer tokens only either way.
 
+Image inputs, chosen by the job: with `request.features_dir` set (an encode_images output) and the vision layers
+frozen, the vision tower is not run at all. `FeatureCollator` builds input_ids, labels, attention_mask and
+token_type_ids exactly as TRL's collator does but returns the cached image features instead of pixel_values,
+and the trainer scatters them into the token embeddings at the image-token positions (what the model's own
+forward does with the tower's output), so the loss on a batch is the same number. The cache is used only if
+its recorded components (dataset, vision weights, processor settings, dtype, libraries) match this job's;
+otherwise, or when vision layers are trained, the job trains from pixels and says why.
+
 Checkpoints go to <run>/checkpoints/ every `save_steps`; a re-run (or a retried task, or a preempted Modal
 container) resumes from the latest complete checkpoint. The adapter and processor land in <run>/lora/,
 written atomically with a manifest. Training progress is mirrored to <run>/progress.json for the
@@ -25,7 +33,7 @@ from typing import Any
 
 from modal_jobs.errors import InputError
 from modal_jobs.schemas import TrainRequest, TrainResult
-from modal_jobs.storage import atomic_write_json, atomic_output, is_complete, read_manifest, resolve
+from modal_jobs.storage import atomic_output, atomic_write_json, is_complete, read_manifest, resolve, short_hash
 
 # LoRA targets: the language model's attention and MLP projections only (the vision tower stays frozen).
 LANGUAGE_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -60,10 +68,49 @@ def _report_to() -> list[str]:
     return []
 
 
-def _training_rows(request: TrainRequest):
-    from datasets import load_from_disk
+def _progress_callback(progress_path: Path):
+    from transformers import TrainerCallback
 
-    from modal_jobs.prompts import training_row
+    class ProgressFile(TrainerCallback):
+        """Mirror the trainer's log lines to a small JSON file the orchestrator polls; after each checkpoint,
+        make the storage durable (on Modal: commit the Volume, so a preempted run resumes from it)."""
+
+        def on_save(self, args, state, control, **kwargs):
+            from modal_jobs.storage import make_durable
+
+            make_durable()
+
+        def __init__(self) -> None:
+            self.history: list[dict[str, Any]] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.history.append(
+                    {"step": state.global_step, "loss": logs.get("loss"), "learning_rate": logs.get("learning_rate"),
+                     "epoch": logs.get("epoch"), "time": round(time.time(), 3)}
+                )
+            atomic_write_json(
+                progress_path,
+                {"step": state.global_step, "max_steps": state.max_steps, "history": self.history[-200:],
+                 "updated_at": time.time()},
+            )
+
+    return ProgressFile()
+
+
+# --- levers of the cached-features path (measured by bench/train_speed.py; numbers in BENCHMARKS.md) -----
+# Fusing gradient accumulation into a larger micro-batch keeps the optimizer's batch (and, with the loss
+# normalised by the accumulated label count, the update) the same while the GPU gets bigger matrices. Without
+# the vision tower's activations a Gemma 3 4B sample is light enough for 16 well under 24 GiB.
+FEATURES_MAX_MICRO_BATCH = 16
+# Recompute activations in the backward pass (Unsloth's offloaded checkpointing, or HF's on the TRL backend).
+FEATURES_GRADIENT_CHECKPOINTING = True
+# Batches of similar length pad less, but they change which samples share a batch (not how a batch is scored).
+FEATURES_GROUP_BY_LENGTH = False
+
+
+def _train_split(request: TrainRequest):
+    from datasets import load_from_disk
 
     dataset_dir = resolve(request.dataset_dir)
     if not dataset_dir.exists():
@@ -79,6 +126,11 @@ def _training_rows(request: TrainRequest):
         train_split = train_split.select(range(min(request.train.max_samples, len(train_split))))
     if len(train_split) == 0:
         raise InputError("the train split is empty")
+    return train_split
+
+
+def _pixel_rows(request: TrainRequest, train_split):
+    from modal_jobs.prompts import training_row
 
     def to_row(example: dict[str, Any]) -> dict[str, Any]:
         row = training_row(example["image"], example["text"], request.instruction)
@@ -88,28 +140,202 @@ def _training_rows(request: TrainRequest):
     return train_split.map(to_row, remove_columns=["text"], desc="formatting")
 
 
-def _progress_callback(progress_path: Path):
-    from transformers import TrainerCallback
+def _feature_rows(request: TrainRequest, train_split, tokenizer: Any = None):
+    """The same prompt/completion as the pixel rows, with the row's index into the feature cache instead of the
+    image (the image column is never decoded)."""
+    from modal_jobs.prompts import assistant_turn, user_turn
 
-    class ProgressFile(TrainerCallback):
-        """Mirror the trainer's log lines to a small JSON file the orchestrator polls."""
+    def to_row(example: dict[str, Any], index: int) -> dict[str, Any]:
+        row = {"prompt": [user_turn(request.instruction)], "completion": [assistant_turn(example["text"])],
+               "feature_index": index}
+        if tokenizer is not None:
+            row["length"] = len(tokenizer(example["text"], add_special_tokens=False)["input_ids"])
+        return row
 
-        def __init__(self) -> None:
-            self.history: list[dict[str, Any]] = []
+    # `select(range(n))` keeps rows 0..n-1, so a row's index here is its row in the split the cache was made of.
+    return train_split.select_columns(["text"]).map(to_row, with_indices=True, remove_columns=["text"],
+                                                     desc="formatting")
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                self.history.append(
-                    {"step": state.global_step, "loss": logs.get("loss"), "learning_rate": logs.get("learning_rate"),
-                     "epoch": logs.get("epoch")}
-                )
-            atomic_write_json(
-                progress_path,
-                {"step": state.global_step, "max_steps": state.max_steps, "history": self.history[-200:],
-                 "updated_at": time.time()},
-            )
 
-    return ProgressFile()
+def _training_rows(request: TrainRequest):
+    """Rows for the pixel path (kept for callers that want them without building a trainer)."""
+    return _pixel_rows(request, _train_split(request))
+
+
+# --- cached image features ------------------------------------------------------------------------------
+
+
+class FeatureCollator:
+    """TRL's vision collator (prompt-completion, completion-only loss), with cached features for the pixels.
+
+    input_ids, attention_mask, token_type_ids and labels come out exactly as DataCollatorForVisionLanguageModeling
+    makes them (tests/test_encode.py compares them), because they are made the same way: the same chat template
+    calls, the same processor calls (the prompt's image placeholders come from the processor, run once per
+    distinct prompt on a stand-in image, since their number does not depend on the image), the same
+    concatenation, flush-left and truncation. `image_features` [batch, mm_tokens, hidden] replaces pixel_values.
+    """
+
+    def __init__(self, processor: Any, store: Any, max_length: int | None = None, completion_only_loss: bool = True):
+        from PIL import Image
+
+        self.processor = processor
+        self.store = store
+        self.max_length = max_length
+        self.completion_only_loss = completion_only_loss
+        self._stand_in = Image.new("RGB", (32, 32), "white")
+        self._prompts: dict[str, dict[str, list[int]]] = {}
+
+    def _prompt(self, text: str) -> dict[str, list[int]]:
+        if text not in self._prompts:
+            out = self.processor(images=[[self._stand_in]], text=[text], padding=True, padding_side="left",
+                                 return_tensors="pt", add_special_tokens=False)
+            keep = out["attention_mask"][0].bool()
+            self._prompts[text] = {
+                name: out[name][0][keep].tolist()
+                for name in ("input_ids", "token_type_ids", "mm_token_type_ids") if name in out
+            }
+        return self._prompts[text]
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+        from trl.data_utils import apply_chat_template, prepare_multimodal_messages
+        from trl.trainer.utils import flush_left
+
+        prompts, completions = [], []
+        for example in examples:
+            message = {
+                "prompt": prepare_multimodal_messages(example["prompt"], images=[self._stand_in]),
+                "completion": prepare_multimodal_messages(example["completion"]),
+            }
+            text = apply_chat_template(message, self.processor)
+            prompts.append(text["prompt"])
+            completions.append(text["completion"])
+
+        # The prompts, left-padded as the processor pads them (pad id, mask 0, type 0).
+        encoded = [self._prompt(text) for text in prompts]
+        width = max(len(e["input_ids"]) for e in encoded)
+        pad_id = self.processor.tokenizer.pad_token_id
+
+        def left_pad(values: list[int], fill: int) -> list[int]:
+            return [fill] * (width - len(values)) + values
+
+        prompt_ids = torch.tensor([left_pad(e["input_ids"], pad_id) for e in encoded])
+        prompt_mask = torch.tensor([left_pad([1] * len(e["input_ids"]), 0) for e in encoded])
+        completions_out = self.processor(text=completions, padding=True, padding_side="right", return_tensors="pt",
+                                         add_special_tokens=False)
+        completion_ids, completion_mask = completions_out["input_ids"], completions_out["attention_mask"]
+
+        # From here on, DataCollatorForVisionLanguageModeling._collate_prompt_completion line for line.
+        input_ids = torch.cat((prompt_ids, completion_ids), dim=1)
+        attention_mask = torch.cat((prompt_mask, completion_mask), dim=1)
+        completion_mask = torch.cat((torch.zeros_like(prompt_mask), completion_mask), dim=1)
+        extra: dict[str, torch.Tensor] = {}
+        if "token_type_ids" in encoded[0]:
+            prompt_types = torch.tensor([left_pad(e["token_type_ids"], 0) for e in encoded])
+            extra["token_type_ids"] = torch.cat((prompt_types, completions_out["token_type_ids"]), dim=1)
+        if "mm_token_type_ids" in encoded[0]:
+            prompt_types = torch.tensor([left_pad(e["mm_token_type_ids"], 0) for e in encoded])
+            extra["mm_token_type_ids"] = torch.cat((prompt_types, torch.zeros_like(completion_ids)), dim=1)
+        attention_mask, input_ids, completion_mask, *flushed = flush_left(
+            attention_mask, input_ids, completion_mask, *extra.values()
+        )
+        extra = dict(zip(extra, flushed))
+        if self.max_length is not None:
+            input_ids = input_ids[:, : self.max_length]
+            attention_mask = attention_mask[:, : self.max_length]
+            completion_mask = completion_mask[:, : self.max_length]
+            extra = {name: tensor[:, : self.max_length] for name, tensor in extra.items()}
+        labels = input_ids.clone()
+        labels[attention_mask == 0] = -100
+        if self.completion_only_loss:
+            labels[completion_mask == 0] = -100
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            **extra,
+            "image_features": self.store.get([int(example["feature_index"]) for example in examples]),
+        }
+
+
+def _image_token_id(config: Any) -> int:
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(f"{type(config).__name__} names no image token (image_token_id)")
+
+
+def merge_image_features(model: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Replace input_ids + image_features by inputs_embeds, as the model's forward does with the tower's output:
+    token embeddings, then the image features scattered over the image-token positions (in the embeddings'
+    dtype). Everything else in `inputs` (attention_mask, token_type_ids for Gemma 3's bidirectional image
+    attention, labels) passes through, so the model, its mask and the loss see what they see from pixels."""
+    inputs = dict(inputs)
+    features = inputs.pop("image_features")
+    input_ids = inputs.pop("input_ids")
+    embeddings = model.get_input_embeddings()
+    image_token_id = _image_token_id(model.config)
+    image_mask = input_ids == image_token_id
+    # Gemma 3's own forward: an image token id outside the vocabulary is looked up as id 0 (then overwritten).
+    lookup_ids = input_ids.masked_fill(image_mask, 0) if image_token_id >= embeddings.weight.shape[0] else input_ids
+    embeds = embeddings(lookup_ids)
+    placeholders = int(image_mask.sum())
+    if placeholders != features.shape[0] * features.shape[1]:
+        raise ValueError(
+            f"Image features and image tokens do not match: {placeholders} image tokens in the batch, "
+            f"{features.shape[0] * features.shape[1]} feature vectors; if model.max_seq_length cut a prompt short, "
+            "raise it"
+        )
+    features = features.to(embeds.device, embeds.dtype)
+    inputs["inputs_embeds"] = embeds.masked_scatter(image_mask.unsqueeze(-1).to(embeds.device), features)
+    return inputs
+
+
+def _with_image_features(trainer_class: type) -> type:
+    class FeaturesTrainer(trainer_class):
+        """The trainer, fed cached image features: embeddings are built before the usual loss computation."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs = merge_image_features(model, inputs)
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    FeaturesTrainer.__name__ = f"Features{trainer_class.__name__}"
+    return FeaturesTrainer
+
+
+def plan_image_inputs(request: TrainRequest) -> dict[str, Any]:
+    """Cached features or pixels, and why: {"features_dir": str | None, "reasons": [...], "components": ...}."""
+    if request.features_dir is None:
+        return {"features_dir": None, "reasons": ["no feature cache given (request.features_dir)"]}
+    if request.train.finetune_vision_layers:
+        return {"features_dir": None,
+                "reasons": ["train.finetune_vision_layers: the vision tower's outputs change as it trains"]}
+    from transformers import AutoProcessor
+
+    from modal_jobs.encode import cache_components, check_cache, compute_dtype
+
+    processor = AutoProcessor.from_pretrained(resolve(request.model_dir),
+                                              trust_remote_code=request.model.trust_remote_code)
+    expected = cache_components(request.dataset_dir, request.model_dir, processor, "train",
+                                compute_dtype(request.model))
+    reasons = check_cache(request.features_dir, expected.components)
+    return {"features_dir": None if reasons else request.features_dir, "reasons": reasons,
+            "components": expected.components}
+
+
+def _micro_batch(train_cfg: Any, features: bool) -> tuple[int, int]:
+    """(micro-batch, accumulation steps): the effective batch is kept; with cached features, as few steps as the
+    micro-batch cap allows."""
+    if not features:
+        return train_cfg.per_device_batch_size, train_cfg.gradient_accumulation_steps
+    effective = train_cfg.effective_batch_size
+    micro = max(d for d in range(1, min(effective, FEATURES_MAX_MICRO_BATCH) + 1) if effective % d == 0)
+    return micro, effective // micro
+
+
+# --- loading --------------------------------------------------------------------------------------------
 
 
 def _load_trl(request: TrainRequest, model_dir: Path):
@@ -135,14 +361,14 @@ def _load_trl(request: TrainRequest, model_dir: Path):
     return model, processor, peft_config
 
 
-def _load_unsloth(request: TrainRequest, model_dir: Path):
+def _load_unsloth(request: TrainRequest, model_dir: Path, gradient_checkpointing: bool | str = "unsloth"):
     from unsloth import FastVisionModel  # noqa: I001  (Unsloth must be imported before transformers)
 
     train = request.train
     model, processor = FastVisionModel.from_pretrained(
         str(model_dir),
         load_in_4bit=request.model.load_in_4bit,
-        use_gradient_checkpointing="unsloth",
+        use_gradient_checkpointing=gradient_checkpointing,
         max_seq_length=request.model.max_seq_length,
     )
     model = FastVisionModel.get_peft_model(
@@ -162,14 +388,21 @@ def _load_unsloth(request: TrainRequest, model_dir: Path):
     return model, processor, None
 
 
-def train(request: TrainRequest) -> TrainResult:
-    run_dir = resolve(request.output_dir)
-    adapter_dir = resolve(request.adapter_dir)
-    checkpoints_dir = resolve(request.checkpoints_dir)
-    if is_complete(adapter_dir):
-        return TrainResult.model_validate({**read_manifest(adapter_dir)["result"], "cached": True})
+class TrainerSetup:
+    """A built trainer and how it was built (what `train` runs; the benchmark and the tests use it too)."""
 
+    def __init__(self, trainer: Any, processor: Any, rows: Any, backend: str, image_inputs: dict[str, Any]):
+        self.trainer = trainer
+        self.processor = processor
+        self.rows = rows
+        self.backend = backend
+        self.image_inputs = image_inputs
+
+
+def build_trainer(request: TrainRequest) -> TrainerSetup:
     model_dir = resolve(request.model_dir)
+    checkpoints_dir = resolve(request.checkpoints_dir)
+    run_dir = resolve(request.output_dir)
     if not (model_dir / "config.json").exists():
         raise InputError(f"model folder {model_dir} has no config.json")
     backend = choose_backend(request.train.backend)
@@ -178,24 +411,51 @@ def train(request: TrainRequest) -> TrainResult:
 
         if not torch.cuda.is_available():
             raise InputError("train.backend=unsloth needs a CUDA GPU; use backend auto or trl on this machine")
-    rows = _training_rows(request)  # before the model: bad data fails before any weights are loaded
+        import unsloth  # noqa: F401  (before anything below imports transformers, so all its patches apply)
+    train_split = _train_split(request)  # before the model: bad data fails before any weights are loaded
+    plan = plan_image_inputs(request)
+    features = plan["features_dir"] is not None
+    checkpointing = FEATURES_GRADIENT_CHECKPOINTING or not features
+    # Pixel rows decode every image: do it before loading the weights, so a broken image fails first.
+    pixel_rows = None if features else _pixel_rows(request, train_split)
 
     if backend == "unsloth":
-        model, processor, peft_config = _load_unsloth(request, model_dir)
+        model, processor, peft_config = _load_unsloth(request, model_dir, "unsloth" if checkpointing else False)
     else:
         model, processor, peft_config = _load_trl(request, model_dir)
+
+    if features:
+        from modal_jobs.encode import processor_settings
+
+        loaded = short_hash(processor_settings(processor), length=32)
+        if loaded != plan["components"]["processor_signature"]:
+            plan = {**plan, "features_dir": None,
+                    "reasons": [f"the {backend} backend's processor differs from the one the cache was made with"]}
+            features = False
+    if features:
+        print(f"image inputs: cached features from {plan['features_dir']}", file=sys.stderr)
+    else:
+        print(f"image inputs: pixels ({'; '.join(plan['reasons'])})", file=sys.stderr)
 
     import torch
     from trl import SFTConfig, SFTTrainer
 
     train_cfg = request.train
     on_gpu = torch.cuda.is_available()
+    micro_batch, accumulation = _micro_batch(train_cfg, features)
+    group_by_length = features and FEATURES_GROUP_BY_LENGTH
+    extra_args: dict[str, Any] = {}
+    if features:
+        # The rows are already what the collator wants; TRL must not tokenize them itself.
+        extra_args["dataset_kwargs"] = {"skip_prepare_dataset": True}
+    if group_by_length:
+        extra_args["train_sampling_strategy"] = "group_by_length"
     run_name = train_cfg.run_name or f"finetune_{model_dir.name}_{time.strftime('%Y%m%d-%H%M%S')}"
     os.environ.setdefault("WANDB_PROJECT", train_cfg.wandb_project)
     args = SFTConfig(
         output_dir=str(checkpoints_dir),
-        per_device_train_batch_size=train_cfg.per_device_batch_size,
-        gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
+        per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=accumulation,
         num_train_epochs=train_cfg.num_epochs,
         max_steps=train_cfg.max_steps or -1,
         learning_rate=train_cfg.learning_rate,
@@ -211,22 +471,55 @@ def train(request: TrainRequest) -> TrainResult:
         seed=train_cfg.seed,
         bf16=on_gpu and request.model.dtype == "bfloat16",
         fp16=on_gpu and request.model.dtype == "float16",
-        gradient_checkpointing=on_gpu and backend == "trl",
+        gradient_checkpointing=on_gpu and backend == "trl" and checkpointing,
         max_length=request.model.max_seq_length,
         report_to=_report_to(),
         run_name=run_name,
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=False,
+        **extra_args,
     )
-    trainer = SFTTrainer(
+    if features:
+        from modal_jobs.encode import FeatureStore
+
+        tokenizer = processor.tokenizer if group_by_length else None
+        rows = _feature_rows(request, train_split, tokenizer)
+        collator = FeatureCollator(processor, FeatureStore(plan["features_dir"]), max_length=args.max_length,
+                                   completion_only_loss=True)
+        trainer_class, collator_args = _with_image_features(SFTTrainer), {"data_collator": collator}
+    else:
+        rows = pixel_rows if pixel_rows is not None else _pixel_rows(request, train_split)
+        trainer_class, collator_args = SFTTrainer, {}
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=rows,
         processing_class=processor,
         peft_config=peft_config,
         callbacks=[_progress_callback(run_dir / "progress.json")],
+        **collator_args,
     )
+    image_inputs = {
+        "path": "features" if features else "pixels",
+        "features_dir": plan["features_dir"],
+        "reasons": plan["reasons"],
+        "micro_batch": micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_checkpointing": checkpointing,
+        "group_by_length": group_by_length,
+    }
+    return TrainerSetup(trainer, processor, rows, backend, image_inputs)
+
+
+def train(request: TrainRequest) -> TrainResult:
+    adapter_dir = resolve(request.adapter_dir)
+    checkpoints_dir = resolve(request.checkpoints_dir)
+    if is_complete(adapter_dir):
+        return TrainResult.model_validate({**read_manifest(adapter_dir)["result"], "cached": True})
+
+    setup = build_trainer(request)
+    trainer = setup.trainer
     resume_from = latest_complete_checkpoint(checkpoints_dir)
     if resume_from is not None:
         print(f"resuming from {resume_from}", file=sys.stderr)
@@ -238,21 +531,20 @@ def train(request: TrainRequest) -> TrainResult:
     result = TrainResult(
         adapter_dir=request.adapter_dir,
         checkpoints_dir=request.checkpoints_dir,
-        backend=backend,
+        backend=setup.backend,
         global_step=trainer.state.global_step,
         train_loss=output.training_loss,
         first_logged_loss=losses[0] if losses else None,
         last_logged_loss=losses[-1] if losses else None,
-        train_samples=len(rows),
+        train_samples=len(setup.rows),
         runtime_s=round(runtime, 2),
         resumed_from=resume_from.name if resume_from else None,
     )
     manifest = {"stage": "train", "request": request.model_dump(mode="json"), "result": result.model_dump(mode="json"),
-                "log_history": trainer.state.log_history}
+                "image_inputs": setup.image_inputs, "log_history": trainer.state.log_history}
     with atomic_output(adapter_dir, manifest) as tmp:
         trainer.model.save_pretrained(str(tmp))
-        processor.save_pretrained(str(tmp))
+        setup.processor.save_pretrained(str(tmp))
         (tmp / "training_stats.json").write_text(json.dumps(trainer.state.log_history, indent=2))
-    del trainer, model
+    del trainer, setup
     return result
-

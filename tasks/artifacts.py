@@ -65,37 +65,39 @@ def publish_training_stats(adapter_dir: str) -> None:
 
 
 def publish_metrics(evaluations: dict[str, Any]) -> None:
-    rows = []
-    for label, result in evaluations.items():
-        metrics = result.metrics
-        rows.append(
-            {"model": label, "exact_match": metrics.exact_match, "cer": metrics.cer, "wer": metrics.wer,
-             "samples": metrics.num_samples, "failed_requests": metrics.num_failed}
-        )
-    create_table_artifact(rows, key="metrics", description="Held-out metrics, base vs fine-tuned")
+    """One row per metric, one column per model: point value [95% bootstrap interval], and the sample counts."""
+    from modal_jobs.evaluate import metric_rows
 
-
-def _cell(text: str | None, limit: int = 80) -> str:
-    if text is None:
-        return "—"
-    text = text.replace("|", "\\|").replace("\n", " ")
-    return f"`{text[:limit]}{'…' if len(text) > limit else ''}`"
+    rows = metric_rows({label: result.metrics.model_dump() for label, result in evaluations.items()})
+    create_table_artifact(
+        rows, key="metrics",
+        description="Held-out metrics with bootstrap intervals; a difference counts only where intervals do not overlap",
+    )
 
 
 def publish_eval_report(evaluations: dict[str, Any]) -> None:
-    sections = ["# Evaluation report"]
+    """Metrics table with intervals, per-length breakdown, worst predictions, failed requests (from the results
+    JSONs; an evaluation whose JSON is not readable here is reported from its metrics alone)."""
+    from modal_jobs.evaluate import report_markdown
+
+    details = {}
     for label, result in evaluations.items():
-        details = json.loads(resolve(result.results_path).read_text())
-        metrics = result.metrics
-        sections.append(
-            f"## {label}\n\nexact match {metrics.exact_match}, CER {metrics.cer}, WER {metrics.wer} "
-            f"over {metrics.num_scored} scored samples ({metrics.num_failed} failed requests)\n\n"
-            f"results: `{resolve(result.results_path)}`\n\n### Worst predictions\n\n| reference | prediction | CER |\n|---|---|---|"
-        )
-        for sample in details.get("worst", [])[:10]:
-            sections.append(f"| {_cell(sample.get('reference'))} | {_cell(sample.get('prediction'))} | "
-                            f"{sample.get('cer', '')} |")
-        failed = [s for s in details.get("samples", []) if s.get("error")]
-        if failed:
-            sections.append(f"\n{len(failed)} failed requests; first error: `{failed[0]['error'][:200]}`")
-    create_markdown_artifact("\n".join(sections), key="eval-report", description="Metrics and worst predictions")
+        path = resolve(result.results_path)
+        try:
+            details[label] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            details[label] = {"metrics": result.metrics.model_dump(), "endpoint": f"(results {path} not readable here)"}
+    create_markdown_artifact(report_markdown(details), key="eval-report",
+                             description="Metrics with intervals, by length, worst predictions, failed requests")
+
+
+def publish_consistency(result: Any) -> None:
+    """The train/serve consistency report: each check with its verdict, and the answers side by side."""
+    from modal_jobs.consistency import report_markdown
+
+    try:
+        report = json.loads(resolve(result.report_path).read_text())
+    except (OSError, json.JSONDecodeError):
+        report = result.model_dump(mode="json")
+    create_markdown_artifact(report_markdown(report), key="consistency",
+                             description="Train/serve consistency: files, prompt, merged vs adapter, endpoint")

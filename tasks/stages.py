@@ -15,6 +15,8 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE, CachePolicy
 
+from modal_jobs.consistency import ConsistencyRequest, ConsistencyResult
+from modal_jobs.encode import EncodeRequest, EncodeResult
 from modal_jobs.errors import InputError
 from modal_jobs.schemas import (
     EvaluateRequest,
@@ -117,6 +119,12 @@ def train(request: TrainRequest, executor: ExecutorSpec = ExecutorSpec()) -> Tra
     return get_executor(executor).run("train", request, on_poll=_TrainingProgress(request.output_dir))
 
 
+@task(name="encode_images", **_STAGE_TASK_OPTIONS)
+def encode_images(request: EncodeRequest, executor: ExecutorSpec = ExecutorSpec()) -> EncodeResult:
+    """The frozen vision tower + projector over every training image, once; cached on the storage root."""
+    return get_executor(executor).run("encode_images", request)
+
+
 @task(name="export", **_STAGE_TASK_OPTIONS)
 def export(request: ExportRequest, executor: ExecutorSpec = ExecutorSpec()) -> ExportResult:
     """Merge the adapter into the base model; save 16-bit safetensors with the processor."""
@@ -133,3 +141,9 @@ def serve(request: ServeRequest, executor: ExecutorSpec = ExecutorSpec()) -> Ser
 def evaluate(request: EvaluateRequest, executor: ExecutorSpec = ExecutorSpec()) -> EvaluateResult:
     """Score the endpoint on held-out images: exact match, CER, WER; failed requests counted apart."""
     return get_executor(executor).run("evaluate", request)
+
+
+@task(name="consistency", **_STAGE_TASK_OPTIONS)
+def consistency(request: ConsistencyRequest, executor: ExecutorSpec = ExecutorSpec()) -> ConsistencyResult:
+    """Train/serve consistency on a few test images: files, architecture, prompt ids, merged vs adapter, endpoint."""
+    return get_executor(executor).run("consistency", request)

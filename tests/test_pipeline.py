@@ -16,7 +16,7 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-CACHEABLE = ("prepare_dataset", "prepare_model", "train", "export", "evaluate_base", "evaluate_finetuned")
+CACHEABLE = ("prepare_dataset", "prepare_model", "train", "export", "consistency", "evaluate_base", "evaluate_finetuned")
 
 
 @pytest.fixture(scope="module")

@@ -94,21 +94,41 @@ def test_synthetic_same_seed_same_rows_other_seed_other_rows(small):
         assert 30 <= image.height <= 250 and image.width >= 20
 
 
-def test_rendering_in_worker_processes_gives_the_same_rows(small, monkeypatch):
-    import os
+_PARALLEL_RENDER = """
+import hashlib, sys
+import datasets
+from modal_jobs import synthetic
+from modal_jobs.config import SyntheticDatasetConfig
+synthetic.PARALLEL_MIN_ROWS = 1
+pool = synthetic._render_pool(25)
+assert pool is not None, "expected worker processes"
+pool.shutdown()
+rows = synthetic.synthetic_latex_ocr(SyntheticDatasetConfig(train_size=20, test_size=5, seed=0))
+digest = hashlib.sha256()
+for name in ("train", "test"):
+    for text, image in zip(rows[name]["text"], rows[name].cast_column("image", datasets.Image(decode=False))["image"]):
+        digest.update(text.encode() + image["bytes"])
+print(digest.hexdigest())
+"""
 
-    from modal_jobs import synthetic
+
+def test_rendering_in_worker_processes_gives_the_same_rows(small):
+    import hashlib
+    import os
+    import subprocess
+    import sys
 
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("one core: rendering is always serial")
-    monkeypatch.setattr(synthetic, "PARALLEL_MIN_ROWS", 1)
-    pool = synthetic._render_pool(25)
-    assert pool is not None
-    pool.shutdown()
-    parallel = synthetic_latex_ocr(SMALL)
+    # A fresh interpreter: this one may run other tests' background threads, and a process with threads
+    # renders serially (forking it could deadlock), so the worker-process path would not be exercised here.
+    child = subprocess.run([sys.executable, "-c", _PARALLEL_RENDER], capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-2000:]
+    digest = hashlib.sha256()
     for name in ("train", "test"):
-        assert parallel[name]["text"] == small[name]["text"]
-        assert _png_bytes(parallel[name]) == _png_bytes(small[name])
+        for text, image in zip(small[name]["text"], _png_bytes(small[name])):
+            digest.update(text.encode() + image)
+    assert child.stdout.strip() == digest.hexdigest()
 
 
 # --- round trips --------------------------------------------------------------------------------------

@@ -335,3 +335,18 @@ def test_a_fresh_worse_model_is_refused_against_a_champion_scored_again_on_new_s
     assert result["decision"]["champion_value"] == result["champion_metrics"]["cer"]
     assert result["verdict"] == "rejected", result["decision"]
     assert cli.registry()["champion"] == before
+
+
+def test_intervals_on_both_sides_are_compared_not_point_values():
+    promote = PromoteConfig(metric="cer", margin=0.0)
+    bar = champion(cer=0.50, intervals={"cer": [0.45, 0.55]})
+    # The candidate's worst case (0.47) beats the champion's point (0.50) but not its best case (0.45).
+    overlapping = decide(metrics(cer=0.40, intervals={"cer": [0.33, 0.47]}), bar, promote)
+    assert not overlapping.promote and overlapping.champion_interval == [0.45, 0.55]
+    assert "intervals compared, not point values" in overlapping.reason
+    separated = decide(metrics(cer=0.30, intervals={"cer": [0.25, 0.35]}), bar, promote)
+    assert separated.promote and "intervals compared, not point values" in separated.reason
+    # Exact match: higher is better, so the champion's high end is the bar.
+    exact = decide(metrics(exact=0.6, intervals={"exact_match": [0.5, 0.7]}),
+                   champion(exact=0.4, intervals={"exact_match": [0.3, 0.55]}), PromoteConfig(metric="exact_match"))
+    assert not exact.promote

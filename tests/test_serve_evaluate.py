@@ -20,8 +20,8 @@ import pytest
 
 from modal_jobs.config import EvaluateConfig, ServeConfig, SyntheticDatasetConfig, TinyModelConfig
 from modal_jobs.errors import InputError
-from modal_jobs.evaluate import evaluate
-from modal_jobs.metrics import score
+from modal_jobs.evaluate import evaluate, report_markdown
+from modal_jobs.metrics import aggregate, score
 from modal_jobs.prompts import DEFAULT_INSTRUCTION, openai_messages
 from modal_jobs.schemas import EvaluateRequest, ServeRequest, ServeResult
 from modal_jobs.serve import _free_port, running_server, serve, stop_server
@@ -181,7 +181,7 @@ def test_startup_timeout_kills_the_server(model_dir: str):
 def test_evaluate_scores_every_sample(server: ServeResult, dataset_dir: str, home: Path):
     request = _eval_request(
         server.base_url, server.model_name, dataset_dir, "evals/tiny.json", num_samples=6, concurrency=2,
-        examples_in_report=3,
+        examples_in_report=3, render_check=True, worst_in_report=4,
     )
     result = evaluate(request)
 
@@ -192,12 +192,33 @@ def test_evaluate_scores_every_sample(server: ServeResult, dataset_dir: str, hom
     samples = report["samples"]
     assert [s["index"] for s in samples] == list(range(6))
     assert all(isinstance(s["prediction"], str) and s["error"] is None for s in samples)
-    assert report["metrics"]["cer"] == pytest.approx(
-        score([s["prediction"] for s in samples], [s["reference"] for s in samples])["cer"]
-    )
+    predictions, references = [s["prediction"] for s in samples], [s["reference"] for s in samples]
+    assert report["metrics"]["cer"] == pytest.approx(score(predictions, references)["cer"])
+    # Every metric has its interval, and the results carry what is needed to recompute them.
+    expected = aggregate([s["counts"] for s in samples], resamples=1000)
+    for name in ("exact_match", "cer", "wer", "normalized_exact_match", "normalized_cer", "normalized_wer",
+                 "token_edit_rate", "render_match"):
+        assert report["metrics"][name] == pytest.approx(expected[name])
+        assert report["metrics"]["intervals"][name] == pytest.approx(expected["intervals"][name])
+    assert metrics.confidence_level == 0.95 and metrics.bootstrap_resamples == 1000
+    # The random tiny model writes garbage; mathtext rejects most of it, and each rejection is counted.
+    assert metrics.render_failed == sum(1 - s["counts"]["prediction_renders"] for s in samples)
+    assert metrics.render_reference_failed == 0
     assert report["examples"] == samples[:3]
-    assert [s["cer"] for s in report["worst"]] == sorted((s["cer"] for s in samples), reverse=True)
+    assert [s["normalized_cer"] for s in report["worst"]] == sorted((s["normalized_cer"] for s in samples),
+                                                                    reverse=True)[:4]
+    assert sum(row["samples"] for row in report["by_length"]) == 6
     assert report["evaluate"]["num_samples"] == 6 and report["model_name"] == server.model_name
+    assert report["sampling"] == {"temperature": 0.0, "greedy": True, "max_tokens": 8, "top_p": None}
+    # Per-request timing: the server's round trip and this client's own work, measured apart.
+    timing = report["timing"]
+    assert all(s["server_s"] > 0 and s["client_s"] >= 0 for s in samples)
+    assert timing["answered"] == 6 and 0 <= timing["client_overhead_fraction"] < 0.5
+
+    markdown = report_markdown({"tiny": report})
+    for heading in ("| metric |", "CER (normalized)", "### By reference length", "### Worst predictions"):
+        assert heading in markdown
+    assert "95% percentile bootstrap" in markdown and "Failed requests" not in markdown
 
 
 def test_endpoint_down_fails_loudly_and_scores_nothing(dataset_dir: str, home: Path):
@@ -207,11 +228,14 @@ def test_endpoint_down_fails_loudly_and_scores_nothing(dataset_dir: str, home: P
     with pytest.raises(RuntimeError, match=r"all 3 requests to .* failed: APIConnectionError.*refused"):
         evaluate(request)
     report = json.loads((home / "evals" / "down.json").read_text())
-    assert report["metrics"] == {
-        "exact_match": None, "cer": None, "wer": None, "num_samples": 3, "num_scored": 0, "num_failed": 3
-    }
+    metrics = report["metrics"]
+    assert (metrics["num_samples"], metrics["num_scored"], metrics["num_failed"]) == (3, 0, 3)
+    assert all(metrics[name] is None for name in ("exact_match", "cer", "wer", "normalized_cer", "token_edit_rate"))
+    assert metrics["intervals"] == {}
     assert all(s["prediction"] is None and s["error"] and s["cer"] is None for s in report["samples"])
-    assert report["worst"] == []
+    assert report["worst"] == [] and len(report["failed"]) == 3
+    markdown = report_markdown({"down": report})
+    assert "### Failed requests (3, not scored)" in markdown and "refused" in markdown
 
 
 def test_server_killed_mid_evaluation_counts_failures_not_empty_predictions(

@@ -1,0 +1,278 @@
+"""encode_images and the cached-features train path on the real tiny model: same batches, same loss, same
+adapter; a cache made from other vision weights, another processor config or other data is never used."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from modal_jobs.config import PipelineConfig, TrainConfig
+from modal_jobs.encode import EncodeRequest
+from modal_jobs.schemas import TrainRequest
+from modal_jobs.storage import read_manifest, resolve
+
+
+@pytest.fixture(autouse=True)
+def no_telemetry_thread(monkeypatch):
+    # TRL's trainer sends usage telemetry through huggingface_hub, whose worker thread outlives the test; a
+    # thread left behind makes later tests that fork (the synthetic set's renderer) render serially instead.
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory, tiny_model_dir, tiny_dataset_dir):
+    """The tiny dataset's train split encoded once for this module (its own storage root)."""
+    from modal_jobs.encode import encode_images
+
+    home = tmp_path_factory.mktemp("encode-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLMPIPE_HOME", str(home))
+        result = encode_images(_encode_request(tiny_model_dir, tiny_dataset_dir, home))
+    return result
+
+
+def _encode_request(model_dir, dataset_dir, home, **overrides) -> EncodeRequest:
+    config = PipelineConfig.embedded()
+    return EncodeRequest(model=config.model, dataset_dir=str(dataset_dir), model_dir=str(model_dir),
+                         features_root=str(home / "features"), batch_size=5, shard_size=12, num_workers=0,
+                         **overrides)
+
+
+def _train_request(model_dir, dataset_dir, features_dir=None, output_dir="runs/test", **train_overrides):
+    config = PipelineConfig.embedded()
+    train = config.train.model_copy(update={"max_steps": 8, "save_steps": 100, "logging_steps": 2, **train_overrides})
+    return TrainRequest(
+        train=TrainConfig.model_validate(train.model_dump()), model=config.model, dataset_dir=str(dataset_dir),
+        model_dir=str(model_dir), output_dir=output_dir, instruction=config.instruction, features_dir=features_dir,
+    )
+
+
+def _rows(dataset_dir, count: int):
+    from datasets import load_from_disk
+
+    from modal_jobs.prompts import training_row
+
+    split = load_from_disk(str(dataset_dir))["train"]
+    instruction = PipelineConfig.embedded().instruction
+    pixel_rows, feature_rows = [], []
+    for index in range(count):
+        row = training_row(split[index]["image"], split[index]["text"], instruction)
+        pixel_rows.append(row)
+        feature_rows.append({"prompt": row["prompt"], "completion": row["completion"], "feature_index": index})
+    return pixel_rows, feature_rows
+
+
+def _trl_batch(processor, pixel_rows, max_length=None):
+    import copy
+
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    collator = DataCollatorForVisionLanguageModeling(processor=processor, max_length=max_length,
+                                                     completion_only_loss=True)
+    return collator(copy.deepcopy(pixel_rows))
+
+
+def test_encode_writes_a_keyed_cache_and_reuses_it(vlmpipe_home, encoded, tiny_model_dir, tiny_dataset_dir):
+    from safetensors.torch import load_file
+
+    from modal_jobs.encode import FeatureStore, encode_images
+
+    features_dir = resolve(encoded.features_dir)
+    assert features_dir.name == encoded.key and not encoded.cached
+    assert encoded.num_images == 32 and (encoded.mm_tokens, encoded.hidden_size) == (16, 64)
+    assert encoded.dtype == "float32"  # a CPU trains in float32, so the cache is in float32 too
+    manifest = read_manifest(features_dir)
+    assert set(manifest["components"]) >= {"dataset_fingerprint", "vision_fingerprint", "processor_signature", "dtype"}
+    index = json.loads((features_dir / "index.json").read_text())
+    assert index["shards"] == ["shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
+    last = load_file(features_dir / "shard-00002.safetensors")
+    assert last["features"].shape == (8, 16, 64) and last["rows"].tolist() == list(range(24, 32))
+    assert FeatureStore(features_dir).get([31, 0, 13]).shape == (3, 16, 64)
+    # Same inputs: the same folder, not recomputed.
+    again = encode_images(_encode_request(tiny_model_dir, tiny_dataset_dir, features_dir.parent.parent))
+    assert again.cached and again.features_dir == encoded.features_dir
+
+
+def test_feature_collator_builds_the_same_batch_as_trls(tiny_model_dir, tiny_dataset_dir, encoded):
+    from transformers import AutoProcessor
+
+    from modal_jobs.encode import FeatureStore
+    from modal_jobs.train import FeatureCollator
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    pixel_rows, feature_rows = _rows(tiny_dataset_dir, 6)
+    prompt_length = int(_trl_batch(processor, pixel_rows[:1])["attention_mask"].sum()) - 3
+    for max_length in (None, prompt_length + 4):  # the second cuts the longer answers short
+        pixels = _trl_batch(processor, pixel_rows, max_length)
+        cached = FeatureCollator(processor, FeatureStore(encoded.features_dir), max_length=max_length)(feature_rows)
+        assert set(pixels) - {"pixel_values"} == set(cached) - {"image_features"}
+        for name in ("input_ids", "attention_mask", "labels", "token_type_ids"):
+            assert pixels[name].tolist() == cached[name].tolist(), name
+        assert cached["image_features"].shape == (6, 16, 64)
+
+
+def test_loss_through_cached_features_equals_loss_through_pixels(tiny_model_dir, tiny_dataset_dir, encoded):
+    """The exactness test: the same batch through the pixels and through the cache gives the same loss, in
+    float32 (what a CPU trains in) to float32 rounding, and in bfloat16 (what a GPU trains in) to bf16's."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from modal_jobs.encode import FeatureStore, _image_features
+    from modal_jobs.train import FeatureCollator, merge_image_features
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    pixel_rows, feature_rows = _rows(tiny_dataset_dir, 8)
+    pixels = _trl_batch(processor, pixel_rows)
+    cached = FeatureCollator(processor, FeatureStore(encoded.features_dir))(feature_rows)
+    with torch.no_grad():
+        loss_pixels = model(**pixels).loss.item()
+        loss_features = model(**merge_image_features(model, cached)).loss.item()
+    print(f"float32: loss through pixels {loss_pixels:.7f}, through cached features {loss_features:.7f}")
+    assert loss_features == pytest.approx(loss_pixels, rel=1e-5)
+
+    # bfloat16: features made by the encode stage's function, one image at a time (other batching than the
+    # pixel forward's), stored in bf16, against the bf16 pixel forward.
+    model = model.to(torch.bfloat16)
+    with torch.no_grad():
+        stored = torch.cat([_image_features(model.model, pixels["pixel_values"][i : i + 1].to(torch.bfloat16))
+                            for i in range(8)]).to(torch.bfloat16)
+        loss_pixels_bf16 = model(**{**pixels, "pixel_values": pixels["pixel_values"].to(torch.bfloat16)}).loss.item()
+        loss_features_bf16 = model(**merge_image_features(model, {**cached, "image_features": stored})).loss.item()
+    print(f"bfloat16: loss through pixels {loss_pixels_bf16:.5f}, through cached features {loss_features_bf16:.5f}")
+    assert loss_features_bf16 == pytest.approx(loss_pixels_bf16, rel=1e-2)
+
+
+def test_the_trainers_loss_is_the_same_on_both_paths(vlmpipe_home, tiny_model_dir, tiny_dataset_dir, encoded):
+    """Through the train job's own trainers (TRL's fused LM head, its normalisation): same batch, same loss."""
+    import torch
+
+    from modal_jobs.encode import FeatureStore
+    from modal_jobs.train import FeatureCollator, build_trainer
+
+    by_pixels = build_trainer(_train_request(tiny_model_dir, tiny_dataset_dir))
+    by_features = build_trainer(_train_request(tiny_model_dir, tiny_dataset_dir, encoded.features_dir))
+    assert by_pixels.image_inputs["path"] == "pixels" and by_features.image_inputs["path"] == "features"
+    pixel_rows, feature_rows = _rows(tiny_dataset_dir, 8)
+    pixels = _trl_batch(by_pixels.processor, pixel_rows)
+    cached = FeatureCollator(by_features.processor, FeatureStore(encoded.features_dir))(feature_rows)
+    with torch.no_grad():
+        loss_pixels = by_pixels.trainer.compute_loss(by_pixels.trainer.model, dict(pixels)).item()
+        loss_features = by_features.trainer.compute_loss(by_features.trainer.model, dict(cached)).item()
+    assert loss_features == pytest.approx(loss_pixels, rel=1e-5)
+
+
+def test_cached_and_pixel_paths_learn_the_same_adapter(vlmpipe_home, tiny_model_dir, tiny_dataset_dir, encoded):
+    from safetensors.torch import load_file
+
+    from modal_jobs.train import train
+
+    by_pixels = train(_train_request(tiny_model_dir, tiny_dataset_dir, output_dir="runs/pixels"))
+    by_features = train(_train_request(tiny_model_dir, tiny_dataset_dir, encoded.features_dir, "runs/features"))
+    manifests = {name: read_manifest(vlmpipe_home / f"runs/{name}/lora") for name in ("pixels", "features")}
+    assert manifests["pixels"]["image_inputs"]["path"] == "pixels"
+    assert manifests["features"]["image_inputs"]["path"] == "features"
+    for result in (by_pixels, by_features):
+        assert result.global_step == 8 and result.last_logged_loss < result.first_logged_loss
+    adapters = {name: load_file(vlmpipe_home / f"runs/{name}/lora/adapter_model.safetensors")
+                for name in ("pixels", "features")}
+    shapes = {name: {key: tuple(t.shape) for key, t in weights.items()} for name, weights in adapters.items()}
+    assert shapes["pixels"] == shapes["features"]
+    # Same seed, same batches, same loss per batch: the same training run, to float32 rounding.
+    losses = {name: [e["loss"] for e in manifests[name]["log_history"] if "loss" in e] for name in manifests}
+    print("logged losses, pixels:", losses["pixels"], "cached features:", losses["features"])
+    assert losses["features"] == pytest.approx(losses["pixels"], rel=1e-3)
+
+
+def _copy_model(source, target):
+    shutil.copytree(source, target)
+    return target
+
+
+def _perturb(model_dir, part: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = model_dir / "model.safetensors"
+    weights = load_file(path)
+    name = next(n for n in sorted(weights) if part in n and weights[n].dim() == 2)
+    weights[name] = weights[name] + 0.01
+    save_file(weights, path, metadata={"format": "pt"})
+
+
+def test_a_stale_cache_is_never_used(vlmpipe_home, tmp_path, tiny_model_dir, tiny_dataset_dir, encoded):
+    from modal_jobs.encode import encode_images
+    from modal_jobs.train import plan_image_inputs
+
+    def plan(model_dir, dataset_dir=tiny_dataset_dir, **overrides):
+        return plan_image_inputs(_train_request(model_dir, dataset_dir, encoded.features_dir, **overrides))
+
+    assert plan(tiny_model_dir)["features_dir"] == encoded.features_dir
+
+    other_tower = _copy_model(tiny_model_dir, tmp_path / "other-tower")
+    _perturb(other_tower, "vision_tower")
+    decision = plan(other_tower)
+    assert decision["features_dir"] is None and decision["reasons"] == ["vision_fingerprint differs"]
+    # ... and encoding for it makes a cache of its own.
+    assert encode_images(_encode_request(other_tower, tiny_dataset_dir, tmp_path)).key != encoded.key
+
+    other_processor = _copy_model(tiny_model_dir, tmp_path / "other-processor")
+    config_path = other_processor / "processor_config.json"
+    config = json.loads(config_path.read_text())
+    config["image_processor"]["image_mean"] = [0.4, 0.4, 0.4]
+    config_path.write_text(json.dumps(config))
+    decision = plan(other_processor)
+    assert decision["features_dir"] is None and decision["reasons"] == ["processor_signature differs"]
+
+    other_data = tmp_path / "other-data"
+    shutil.copytree(tiny_dataset_dir, other_data)
+    (other_data / "train" / "dataset_info.json").write_text("{}")
+    assert plan(tiny_model_dir, other_data)["reasons"] == ["dataset_fingerprint differs"]
+
+    decision = plan(tiny_model_dir, finetune_vision_layers=True)
+    assert decision["features_dir"] is None and "finetune_vision_layers" in decision["reasons"][0]
+
+    # Other language-model weights on the same vision tower (another fine-tune of the same base): reused.
+    other_language = _copy_model(tiny_model_dir, tmp_path / "other-language")
+    _perturb(other_language, "language_model")
+    assert plan(other_language)["features_dir"] == encoded.features_dir
+
+
+def test_training_vision_layers_falls_back_to_pixels(vlmpipe_home, tiny_model_dir, tiny_dataset_dir, encoded):
+    from modal_jobs.train import train
+
+    train(_train_request(tiny_model_dir, tiny_dataset_dir, encoded.features_dir, max_steps=2,
+                         finetune_vision_layers=True))
+    inputs = read_manifest(vlmpipe_home / "runs/test/lora")["image_inputs"]
+    assert inputs["path"] == "pixels" and "finetune_vision_layers" in inputs["reasons"][0]
+
+
+def test_micro_batch_fusion_keeps_the_effective_batch():
+    from modal_jobs.train import FEATURES_MAX_MICRO_BATCH, _micro_batch
+
+    for per_device, accumulation in ((4, 4), (8, 1), (2, 16), (3, 5), (16, 4)):
+        cfg = TrainConfig(per_device_batch_size=per_device, gradient_accumulation_steps=accumulation)
+        micro, steps = _micro_batch(cfg, features=True)
+        assert micro * steps == per_device * accumulation and micro <= max(FEATURES_MAX_MICRO_BATCH, 1)
+        assert _micro_batch(cfg, features=False) == (per_device, accumulation)
+    assert _micro_batch(TrainConfig(per_device_batch_size=4, gradient_accumulation_steps=4), True) == (16, 1)
+
+
+def test_an_orchestrator_named_output_is_used_and_guarded(vlmpipe_home, tmp_path, tiny_model_dir, tiny_dataset_dir):
+    from modal_jobs.encode import encode_images
+    from modal_jobs.errors import InputError
+    from modal_jobs.train import plan_image_inputs
+
+    request = _encode_request(tiny_model_dir, tiny_dataset_dir, tmp_path, output_dir="features/from-the-flow")
+    first = encode_images(request)
+    assert first.features_dir == "features/from-the-flow" and not first.cached
+    assert encode_images(request).cached
+    decision = plan_image_inputs(_train_request(tiny_model_dir, tiny_dataset_dir, first.features_dir))
+    assert decision["features_dir"] == "features/from-the-flow"
+    other = _copy_model(tiny_model_dir, tmp_path / "other")
+    _perturb(other, "vision_tower")
+    with pytest.raises(InputError, match="other inputs"):
+        encode_images(request.model_copy(update={"model_dir": str(other)}))
