@@ -42,6 +42,7 @@ from modal_jobs.storage import (
     atomic_output,
     atomic_write_json,
     fingerprint_path,
+    hash_range_into,
     read_manifest,
     relative,
     resolve,
@@ -55,7 +56,6 @@ INDEX_NAME = "index.json"
 VISION_PARTS = ("vision_tower.", "multi_modal_projector.")
 # Config keys that name or describe a file rather than change what the tower computes.
 _CONFIG_NOISE = {"_name_or_path", "transformers_version", "architectures", "torch_dtype", "dtype", "model_type"}
-_READ_BYTES = 16 * 1024 * 1024
 
 
 class EncodeRequest(Message):
@@ -164,15 +164,7 @@ def vision_fingerprint(model_dir: str | Path) -> str:
         for short, file, base, meta in sorted(entries, key=lambda entry: entry[0]):
             start, end = meta["data_offsets"]
             digest.update(f"{short}|{meta['dtype']}|{meta['shape']}\n".encode())
-            with open(file, "rb", buffering=0) as handle:
-                handle.seek(base + start)
-                remaining = end - start
-                while remaining > 0:
-                    block = handle.read(min(_READ_BYTES, remaining))
-                    if not block:
-                        break
-                    digest.update(block)
-                    remaining -= len(block)
+            hash_range_into(digest, file, base + start, end - start)
         weights_digest = digest.hexdigest()
         memo[memo_key] = weights_digest
         try:

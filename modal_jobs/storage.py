@@ -130,10 +130,8 @@ def atomic_write_json(path: str | Path, payload: Any) -> Path:
 # --- fingerprints -------------------------------------------------------------------------------------
 
 
-def _hash_chunk(path: Path, offset: int, length: int) -> bytes:
-    import xxhash
-
-    digest = xxhash.xxh3_128()
+def hash_range_into(digest: Any, path: Path, offset: int, length: int) -> None:
+    """Feed bytes [offset, offset + length) of a file into a running digest, a bounded read at a time."""
     with open(path, "rb", buffering=0) as handle:
         handle.seek(offset)
         remaining = length
@@ -143,6 +141,13 @@ def _hash_chunk(path: Path, offset: int, length: int) -> bytes:
                 break
             digest.update(block)
             remaining -= len(block)
+
+
+def _hash_chunk(path: Path, offset: int, length: int) -> bytes:
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    hash_range_into(digest, path, offset, length)
     return digest.digest()
 
 
