@@ -79,12 +79,17 @@ def _stage_task(task, refresh: bool):
     return task.with_options(**options)
 
 
-def _submit(task, request: BaseModel, config: PipelineConfig, refresh: bool) -> PrefectFuture:
+def _submit(
+    task, request: BaseModel, config: PipelineConfig, refresh: bool, run_name: str | None = None
+) -> PrefectFuture:
     """Start a stage's task on the executor configured for it (task names are stage names)."""
     spec = ExecutorSpec.for_stage(config, task.name)
     # A cache record whose output has gone must not be handed back: recompute it instead.
     refresh = refresh or not get_executor(spec).output_exists(stages.output_location(request))
-    return _stage_task(task, refresh).submit(request, spec)
+    bound = _stage_task(task, refresh)
+    if run_name:
+        bound = bound.with_options(task_run_name=run_name)
+    return bound.submit(request, spec)
 
 
 def _finish(stage_key: keys.StageKey, future: PrefectFuture, label: str | None = None) -> tuple[Any, str]:
@@ -129,7 +134,7 @@ def _evaluate_model(
     elif served is None:
         outcomes[f"serve_{label}"] = StageOutcome(state="Skipped", output="evaluation already on disk")
     try:
-        result, state = _finish(eval_key, _submit(stages.evaluate, request, config, refresh),
+        result, state = _finish(eval_key, _submit(stages.evaluate, request, config, refresh, f"evaluate-{label}"),
                                 label=f"evaluate_{label}")
     finally:
         if started is not None and started.pid is not None:
@@ -142,9 +147,9 @@ def _evaluate_model(
 def _run_name() -> str:
     from prefect.runtime import flow_run
 
-    config = PipelineConfig.model_validate(flow_run.parameters.get("config") or {})
     from modal_jobs.dataset import source_fingerprint
 
+    config = PipelineConfig.model_validate(flow_run.parameters.get("config") or {})
     train = config.train
     model = config.model.source.rsplit("/", 1)[-1].replace("builtin:", "")
     dataset = config.dataset.source.rsplit("/", 1)[-1].replace("builtin:", "")
