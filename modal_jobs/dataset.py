@@ -33,7 +33,6 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,28 +84,6 @@ def _output_fields(dataset: DatasetConfig) -> dict[str, Any]:
     return dataset.model_dump(include={"train_split", "test_split", "image_column", "text_column", "max_image_pixels"})
 
 
-@lru_cache(maxsize=32)
-def _hub_sha(repo_id: str, revision: str | None) -> str:
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
-    try:
-        info = HfApi(token=hub.hub_token()).dataset_info(repo_id, revision=revision, timeout=60)
-    except RevisionNotFoundError as error:
-        raise InputError(f"dataset {repo_id!r} has no revision {revision!r} on the hub (dataset.revision)") from error
-    except GatedRepoError as error:
-        raise InputError(
-            f"dataset {repo_id!r} is gated on the hub: accept its terms on the dataset page and set HF_TOKEN"
-        ) from error
-    except RepositoryNotFoundError as error:
-        raise InputError(
-            f"dataset {repo_id!r}: no such local path, and no such dataset on the hub (or it is private: set HF_TOKEN)"
-        ) from error
-    if not info.sha:
-        raise RuntimeError(f"the hub returned no commit sha for dataset {repo_id!r}")
-    return info.sha
-
-
 def source_fingerprint(dataset: DatasetConfig) -> str:
     """A key for the prepared output, cheap enough to compute before any job runs.
 
@@ -122,7 +99,7 @@ def source_fingerprint(dataset: DatasetConfig) -> str:
         assert path is not None
         identity = {"content": fingerprint_path(path)}
     else:
-        identity = {"hub": dataset.source, "sha": _hub_sha(dataset.source, dataset.revision)}
+        identity = {"hub": dataset.source, "sha": hub.revision_sha("dataset", dataset.source, dataset.revision)}
     return short_hash({"kind": kind, **identity, "fields": _output_fields(dataset), "prepare_version": PREPARE_VERSION})
 
 
@@ -255,7 +232,7 @@ def _load(
     if kind == "hub":
         import datasets
 
-        sha = _hub_sha(dataset.source, dataset.revision)
+        sha = hub.revision_sha("dataset", dataset.source, dataset.revision)
         loaded = datasets.load_dataset(dataset.source, revision=sha, token=hub.hub_token())
         return dict(loaded), {"source_revision": sha}
     assert path is not None

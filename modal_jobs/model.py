@@ -40,30 +40,6 @@ def _local_folder(source: str) -> Path | None:
     return path if path.is_dir() else None
 
 
-def _hub_sha(model: ModelConfig) -> str:
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
-    revision = f" at revision {model.revision!r}" if model.revision else ""
-    try:
-        info = HfApi().model_info(model.source, revision=model.revision, token=hub.hub_token())
-    except GatedRepoError as error:
-        raise InputError(
-            f"model {model.source!r} is gated: accept its licence on the Hub and set HF_TOKEN to a token that may "
-            f"read it ({error.__class__.__name__})"
-        ) from error
-    except RevisionNotFoundError as error:
-        raise InputError(f"model {model.source!r} has no revision {model.revision!r} on the Hub") from error
-    except RepositoryNotFoundError as error:
-        raise InputError(
-            f"model {model.source!r}{revision} was not found on the Hub (or is private: set HF_TOKEN), and it is "
-            f"not a local folder"
-        ) from error
-    if not info.sha:
-        raise InputError(f"the Hub gave no commit sha for model {model.source!r}{revision}")
-    return info.sha
-
-
 def source_fingerprint(model: ModelConfig) -> str:
     """A cheap key for the source, for cache keys: it changes when the model it names would change."""
     if model.source == BUILTIN_MODEL:
@@ -80,7 +56,7 @@ def source_fingerprint(model: ModelConfig) -> str:
         )
     if not hub.hub_reachable():
         raise InputError(hub.unreachable_message("model", model.source))
-    return _hub_sha(model)
+    return hub.revision_sha("model", model.source, model.revision)
 
 
 # --- validation ------------------------------------------------------------------------------------------
