@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,15 @@ def vlmpipe_home(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "vlmpipe-home"
     monkeypatch.setenv("VLMPIPE_HOME", str(home))
     return home
+
+
+@pytest.fixture(scope="module")
+def module_home(tmp_path_factory) -> Iterator[Path]:
+    """A storage root shared by one test module's tests (for modules that build something once and reuse it)."""
+    root = tmp_path_factory.mktemp("vlmpipe-module-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLMPIPE_HOME", str(root))
+        yield root
 
 
 @pytest.fixture(scope="session")

@@ -24,11 +24,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    root = tmp_path_factory.mktemp("consistency-home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("VLMPIPE_HOME", str(root))
-        yield root
+def home(module_home: Path) -> Path:
+    return module_home
 
 
 @pytest.fixture(scope="module")

@@ -35,11 +35,8 @@ SERVE = ServeConfig(backend="transformers", startup_timeout_s=60)
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    root = tmp_path_factory.mktemp("vlmpipe-home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("VLMPIPE_HOME", str(root))
-        yield root
+def home(module_home: Path) -> Path:
+    return module_home
 
 
 @pytest.fixture(scope="module")
