@@ -1,6 +1,6 @@
 """Training speed on one GPU: the original recipe (plain HF+PEFT, Unsloth) against our train job and encode stage.
 
-Run as: python -m bench.train_speed --out bench/results          (a CUDA machine: ~9 minutes on one H100)
+Run as: python -m bench.train_speed --out bench/results          (a CUDA machine: ~15 minutes on one H100)
         python -m bench.train_speed --tiny --out /tmp/bench      (CPU smoke test: tiny model, no Unsloth, ~40 s)
 
 On a GPU it builds a Gemma-3-4B-shaped model with random weights (the real 4B config; weights cannot be
@@ -9,19 +9,21 @@ LaTeX_OCR-like, varied lengths, and measures, each in its own process on the sam
 
     (a) hf_pixels      plain HF + PEFT (TRL SFTTrainer), the original recipe: micro-batch 4 x 4, checkpointing
     (b) unsloth_pixels Unsloth as the original script uses it: FastVisionModel, UnslothVisionDataCollator, 4 x 4
-    (c) ours           our train job as shipped (modal_jobs.train.train) on the cached features of (d); it runs
-                       in (b)'s process, after it, so both share one Unsloth import and its settings
+    (c) ours           our train job as shipped (modal_jobs.train.train) on the cached features of (d)
     (d) encode         our encode stage (modal_jobs.encode.encode_images) over the whole bench set
-    levers             our job with one lever changed at a time (micro-batch, recomputation, length grouping)
-    hf_features        our job on the TRL backend (HF + PEFT) with the cached features: the cache alone
+    levers             our job with one lever changed at a time (micro-batch, recomputation, compilation, length
+                       grouping)
 
 Samples/s and tokens/s are sustained rates (the first steps, which warm up kernels and the allocator, are left
 out); peak GiB is torch.cuda.max_memory_allocated; MFU is counted model FLOPs (forward + backward of the frozen
 language model with LoRA, logits only where a label is, the vision forward where the path runs it; no
 recomputation) over the card's dense bf16 peak. Results: <out>/train_speed.json and <out>/train_speed.md.
 
-Order: set-up, (d), (a) + hf_features, then (b) + (c), then levers while the --budget-s lasts; every child has
-a time cap, and the JSON is rewritten after each, so a cut-short run still reports what it measured. Unsloth's
+Order: as --only lists them (default set-up, (d), (a), (c), (b), levers) while the --budget-s lasts; every child
+has a time cap, and the JSON is rewritten after each, so a cut-short run still reports what it measured. Where one
+command may run 10 minutes at most, split it over two in one --workdir: `--only setup,encode,unsloth,ours`, then
+`--reuse --only setup,encode,hf,levers`. (b) runs in a process of its own, since Unsloth patches transformers for
+the whole process it is imported in. Unsloth's
 torch.compile is off unless --unsloth-compile: with varied answer lengths it compiled (and recompiled as
 shapes changed) for minutes per process on the H100 (2026-11-25), longer than this run's window.
 """
@@ -441,49 +443,35 @@ def child_encode(spec: dict) -> dict:
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
 
 
-def _import_unsloth_first() -> bool:
-    import importlib.util
-
-    import torch
-
-    if torch.cuda.is_available() and importlib.util.find_spec("unsloth") is not None:
-        import unsloth
-
-        return True
-    return False
-
-
 def _unsloth_environment(spec: dict) -> None:
     """Unsloth compiles parts of the model (and, by default, each decoder layer) on first use and again as
     shapes change; with varied answer lengths that took minutes per process on the H100, longer than a short
-    run's window. Off unless --unsloth-compile, for (b) and (c) alike."""
+    run's window. Off unless --unsloth-compile."""
     if not spec.get("unsloth_compile", False):
         os.environ["UNSLOTH_COMPILE_DISABLE"] = "1"
         os.environ["UNSLOTH_BLOCK_COMPILE"] = "0"
 
 
 def child_ours(spec: dict) -> dict:
-    _unsloth_environment(spec)
-    _import_unsloth_first()
     return _run_train_job(spec, "ours", spec["features_dir"], "auto", spec["steps_ours"])
 
 
 def child_levers(spec: dict) -> dict:
-    """Our job with one lever changed at a time (Unsloth backend, cached features), while time is left."""
+    """Our job with one lever changed at a time (cached features), while time is left. One process: the layers
+    compiled for the first variant serve the later ones (dynamo's cache), so each pays only its own recompiles."""
     import modal_jobs.train as job
 
-    _unsloth_environment(spec)
-    _import_unsloth_first()
     deadline = spec["deadline"]
     variants = [
-        ("micro-batch 4 x 4 (no fusion)", {"FEATURES_MAX_MICRO_BATCH": 4}),
-        ("micro-batch 8 x 2", {"FEATURES_MAX_MICRO_BATCH": 8}),
-        ("no recomputation, 8 x 2", {"FEATURES_MAX_MICRO_BATCH": 8, "FEATURES_GRADIENT_CHECKPOINTING": False}),
-        ("no recomputation, 16 x 1", {"FEATURES_GRADIENT_CHECKPOINTING": False}),
-        ("length-grouped batches, 16 x 1", {"FEATURES_GROUP_BY_LENGTH": True}),
+        ("selective recomputation", {"FEATURES_GRADIENT_CHECKPOINTING": "selective"}),
+        ("no recomputation", {"FEATURES_GRADIENT_CHECKPOINTING": False}),
+        ("length-grouped batches", {"FEATURES_GROUP_BY_LENGTH": True}),
+        ("micro-batch 4 x 4", {"FEATURES_MAX_MICRO_BATCH": 4}),
+        ("not compiled", {"FEATURES_COMPILE": False}),
     ]
     defaults = {name: getattr(job, name) for name in
-                ("FEATURES_MAX_MICRO_BATCH", "FEATURES_GRADIENT_CHECKPOINTING", "FEATURES_GROUP_BY_LENGTH")}
+                ("FEATURES_MAX_MICRO_BATCH", "FEATURES_GRADIENT_CHECKPOINTING", "FEATURES_GROUP_BY_LENGTH",
+                 "FEATURES_COMPILE")}
     out = {}
     for label, overrides in variants:
         if time.time() > deadline - spec["lever_budget_s"]:
@@ -500,20 +488,12 @@ def child_levers(spec: dict) -> dict:
 
 
 def child_hf(spec: dict) -> dict:
-    """(a) plain HF + PEFT on pixels, the original recipe; then the same backend on the cached features."""
-    out = {"pixels": _run_train_job(spec, "hf", None, "trl", spec["steps_hf"])}
-    _reset_peak()
-    if spec.get("features_dir") and time.time() < spec["deadline"] - 60:
-        try:
-            out["features"] = _run_train_job(spec, "hf-features", spec["features_dir"], "trl", spec["steps_lever"])
-        except Exception as error:
-            out["features"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
-    return out
+    """(a) plain HF + PEFT on pixels, the original recipe."""
+    return {"pixels": _run_train_job(spec, "hf", None, "trl", spec["steps_hf"])}
 
 
 def child_unsloth(spec: dict) -> dict:
-    """(b) The original script: FastVisionModel + UnslothVisionDataCollator + SFTTrainer, micro-batch 4 x 4; then
-    (c) our train job in the same process, so the two share one Unsloth import (~40 s) and its settings."""
+    """(b) The original script: FastVisionModel + UnslothVisionDataCollator + SFTTrainer, micro-batch 4 x 4."""
     _unsloth_environment(spec)
     # isort: off
     from unsloth import FastVisionModel  # first: Unsloth patches transformers and trl as they are imported
@@ -565,13 +545,7 @@ def child_unsloth(spec: dict) -> dict:
     pixels = {"backend": "unsloth (original script)", "micro_batch": micro, "gradient_accumulation_steps": accumulation,
               "steps": steps, **_sustained(times, micro * accumulation), "peak_gib": _cuda_peak_gib()}
     del trainer, model
-    out = {"pixels": pixels}
-    if spec.get("features_dir") and spec.get("ours_with_unsloth"):
-        try:
-            out["ours"] = _run_train_job(spec, "ours", spec["features_dir"], "auto", spec["steps_ours"])
-        except Exception as error:
-            out["ours"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
-    return out
+    return {"pixels": pixels}
 
 
 CHILDREN = {"setup": child_setup, "encode": child_encode, "ours": child_ours, "unsloth": child_unsloth,
@@ -638,7 +612,7 @@ def summarise(results: dict, peak_tflops: float | None) -> dict:
     unsloth = results.get("unsloth", {})
     rows.append(_row("(b) unsloth_pixels", "Unsloth, original script, pixels, 4 x 4", unsloth.get("pixels", unsloth),
                      pixel, peak_tflops, seq_tokens))
-    ours = unsloth.get("ours") or results.get("ours", {})
+    ours = results.get("ours", {})
     inputs = ours.get("image_inputs", {})
     rows.append(_row("(c) ours", f"our train job as shipped ({ours.get('backend')}, {inputs.get('path')}, "
                      f"{inputs.get('micro_batch')} x {inputs.get('gradient_accumulation_steps')})",
@@ -649,9 +623,6 @@ def summarise(results: dict, peak_tflops: float | None) -> dict:
                  "samples_per_s": ips, "tokens_per_s": None, "peak_gib": encode.get("peak_gib"),
                  "mfu": round(per_image * ips / (peak_tflops * 1e12), 3) if (ips and peak_tflops) else None,
                  "error": encode.get("error")})
-    if "features" in hf:
-        rows.append(_row("hf_features", "our job, TRL backend (HF+PEFT), cached features", hf["features"], cached,
-                         peak_tflops, seq_tokens))
     for label, lever in (results.get("levers") or {}).items():
         if isinstance(lever, dict):
             rows.append(_row("lever", f"ours, {label}", lever, cached, peak_tflops, seq_tokens))
@@ -719,8 +690,10 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/vlmpipe-train-speed"))
     parser.add_argument("--images", type=int, default=None, help="bench set size (default 1024; tiny 48)")
     parser.add_argument("--budget-s", type=float, default=540.0, help="stop starting measurements after this")
-    parser.add_argument("--only", default="setup,encode,unsloth,hf,levers",
-                        help="measurements to run; `ours` alone runs (c) in its own process instead of after (b)")
+    parser.add_argument("--only", default="setup,encode,hf,ours,unsloth,levers",
+                        help="measurements to run, in this order")
+    parser.add_argument("--reuse", action="store_true",
+                        help="take set-up and encode from an earlier run in the same --workdir")
     parser.add_argument("--unsloth-compile", action="store_true",
                         help="let Unsloth torch.compile (its default; minutes of compiling per process when "
                              "answer lengths vary, so off for a short run)")
@@ -758,7 +731,7 @@ def main() -> None:
         # Enough steps for a sustained rate: ~15-20 s of timed training per path on an H100.
         "steps_ours": 40 if on_gpu else 6, "steps_lever": 24 if on_gpu else 4, "steps_hf": 8 if on_gpu else 4,
         "steps_unsloth": 9, "lever_budget_s": 60 if on_gpu else 10,
-        "unsloth_compile": args.unsloth_compile, "probe_compile": args.probe_compile, "ours_with_unsloth": "ours" not in args.only.split(","),
+        "unsloth_compile": args.unsloth_compile, "probe_compile": args.probe_compile,
         "model_overrides": {} if on_gpu else {"max_seq_length": 512},
     }
     for key in ("steps_ours", "steps_lever", "steps_hf", "steps_unsloth"):
@@ -775,15 +748,19 @@ def main() -> None:
                                 "opt-in here, train.train_embeddings); with them it would only be slower",
         },
     }
-    caps = {"setup": 120, "encode": 150, "hf": 170, "ours": 240, "unsloth": 330, "levers": 400}
-    # The paths without compilation first (their timings are predictable), Unsloth's after, levers last.
-    for name in ("setup", "encode", "hf", "ours", "unsloth", "levers"):
-        if name not in wanted:
-            continue
+    # (c) compiles its layers first (~2 minutes on an H100), then trains; Unsloth's import alone takes ~40 s.
+    caps = {"setup": 120, "encode": 150, "hf": 170, "ours": 330, "unsloth": 330, "levers": 400}
+    for name in wanted:  # in the order given
+        if name not in CHILDREN:
+            raise SystemExit(f"unknown measurement {name!r}: choose from {', '.join(CHILDREN)}")
         if name == "unsloth" and spec["tiny"]:
-            if spec.get("features_dir") and spec["ours_with_unsloth"]:  # (c) still runs, on the TRL backend
-                report["results"]["ours"] = _run_child("ours", spec, workdir, min(caps["ours"], deadline - time.time()))
             report["results"][name] = {"skipped": "Unsloth needs CUDA"}
+            continue
+        previous = workdir / f"result-{name}.json"
+        if args.reuse and name in ("setup", "encode") and previous.exists():
+            report["results"][name] = {**json.loads(previous.read_text()), "reused": True}
+            if name == "encode":
+                spec["features_dir"] = report["results"][name].get("features_dir")
             continue
         remaining = deadline - time.time()
         if remaining < 20:

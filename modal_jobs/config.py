@@ -100,7 +100,11 @@ class TrainConfig(Section):
     """LoRA on the language layers, vision tower frozen. Defaults are the original recipe."""
 
     backend: Literal["auto", "unsloth", "trl"] = Field(
-        "auto", description="auto: Unsloth's FastVisionModel when CUDA is present, TRL SFTTrainer + PEFT otherwise."
+        "auto",
+        description=(
+            "auto: on cached image features, TRL SFTTrainer + PEFT with the job's labelled-token loss; on pixels, "
+            "Unsloth's FastVisionModel when CUDA is present, TRL SFTTrainer + PEFT otherwise."
+        ),
     )
     lora_r: PositiveInt = 32
     lora_alpha: PositiveInt = 64

@@ -1,16 +1,19 @@
 """The train stage: LoRA on the language layers of a vision-language model, vision tower frozen.
 
-Backends: Unsloth's FastVisionModel when CUDA is present (or asked for), TRL's SFTTrainer + PEFT otherwise.
-Both train on the same rows (modal_jobs.prompts.training_row: a conversational prompt/completion pair plus
-the image) through TRL's vision collator, so the loss covers the answer tokens only either way.
+Backends: on pixels, Unsloth's FastVisionModel when CUDA is present (or asked for), TRL's SFTTrainer + PEFT
+otherwise; on cached features, TRL's SFTTrainer + PEFT with `labelled_token_loss` and, on CUDA, compiled decoder
+layers (faster there than Unsloth: BENCHMARKS.md). All train on the same rows (modal_jobs.prompts.training_row: a
+conversational prompt/completion pair plus the image) and collate them as TRL's vision collator does, so the loss
+covers the answer tokens only either way.
 
 Image inputs, chosen by the job: with `request.features_dir` set (an encode_images output) and the vision layers
 frozen, the vision tower is not run at all. `FeatureCollator` builds input_ids, labels, attention_mask and
 token_type_ids exactly as TRL's collator does but returns the cached image features instead of pixel_values,
 and the trainer scatters them into the token embeddings at the image-token positions (what the model's own
-forward does with the tower's output), so the loss on a batch is the same number. The cache is used only if
-its recorded components (dataset, vision weights, processor settings, dtype, libraries) match this job's;
-otherwise, or when vision layers are trained, the job trains from pixels and says why.
+forward does with the tower's output), then scores only the labelled positions, so the loss on a batch is the
+same number. The cache is used only if its recorded components (dataset, vision weights, processor settings,
+dtype, libraries) match this job's; otherwise, or when vision layers are trained, the job trains from pixels and
+says why.
 
 Checkpoints go to <run>/checkpoints/ every `save_steps`; a re-run (or a retried task, or a preempted Modal
 container) resumes from the latest complete checkpoint. The adapter and processor land in <run>/lora/,
@@ -33,7 +36,14 @@ from typing import Any
 
 from modal_jobs.errors import InputError
 from modal_jobs.schemas import TrainRequest, TrainResult
-from modal_jobs.storage import atomic_output, atomic_write_json, is_complete, read_manifest, resolve, short_hash
+from modal_jobs.storage import (
+    atomic_output,
+    atomic_write_json,
+    is_complete,
+    read_manifest,
+    resolve,
+    short_hash,
+)
 
 # LoRA targets: the language model's attention and MLP projections only (the vision tower stays frozen).
 LANGUAGE_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -42,12 +52,14 @@ VISION_TARGETS = r".*vision_tower.*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
 _CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 
 
-def choose_backend(requested: str) -> str:
+def choose_backend(requested: str, features_expected: bool = False) -> str:
+    """auto: on cached features, HF + PEFT with our labelled-token loss and compiled layers (faster there than
+    Unsloth, whose gains are on the pixel path: bench/train_speed.py); on pixels, Unsloth when CUDA has it."""
     if requested != "auto":
         return requested
     import torch
 
-    if torch.cuda.is_available() and importlib.util.find_spec("unsloth") is not None:
+    if not features_expected and torch.cuda.is_available() and importlib.util.find_spec("unsloth") is not None:
         return "unsloth"
     return "trl"
 
@@ -99,14 +111,52 @@ def _progress_callback(progress_path: Path):
 
 
 # --- levers of the cached-features path (measured by bench/train_speed.py; numbers in BENCHMARKS.md) -----
+# Without the vision tower, a step of a 4B model is short enough that Python and kernel-launch overhead and
+# unfused element-wise kernels (norms, casts, LoRA scaling) took most of it on an H100 (bench/step_breakdown.py).
 # Fusing gradient accumulation into a larger micro-batch keeps the optimizer's batch (and, with the loss
-# normalised by the accumulated label count, the update) the same while the GPU gets bigger matrices. Without
-# the vision tower's activations a Gemma 3 4B sample is light enough for 16 well under 24 GiB.
+# normalised by the accumulated label count, the update) the same while each step does more work.
 FEATURES_MAX_MICRO_BATCH = 16
-# Recompute activations in the backward pass (Unsloth's offloaded checkpointing, or HF's on the TRL backend).
+# Recompute activations in the backward pass: True, False, or "selective" (`selective_checkpoint_kwargs`: keep
+# matmul and attention outputs, recompute the element-wise work; HF + PEFT backend only; fastest of all in
+# bench/step_breakdown.py's loop, 32.6 samples/s at 10.9 GiB compiled, not yet measured through the trainer).
+# On by default: without it a sample kept ~3 GiB of activations under the
+# trainer (16 x 1 peaked at 53 GiB, 8 x 2 at 35 GiB, against 13 GiB with it) and was no faster, the step being
+# bound by overhead rather than arithmetic.
 FEATURES_GRADIENT_CHECKPOINTING = True
+# torch.compile each decoder layer (CUDA only; dynamic shapes): fuses element-wise work and cuts launches.
+# Compiling costs ~2 minutes once per process, and some new batch shapes still recompile (seconds each).
+FEATURES_COMPILE = True
 # Batches of similar length pad less, but they change which samples share a batch (not how a batch is scored).
 FEATURES_GROUP_BY_LENGTH = False
+# Processes collating batches (chat template, tokenizer, feature reads) while the GPU trains (CUDA only).
+FEATURES_LOADER_WORKERS = 2
+
+
+def selective_checkpoint_kwargs() -> dict[str, Any]:
+    """gradient_checkpointing_kwargs for selective recomputation: the backward keeps what the matmuls and the
+    attention kernels produced and recomputes only the cheap element-wise work between them (norms, activations,
+    casts, rotary embeddings). For a Gemma 3 4B layer that keeps ~1/3 of the activations for ~2% more work,
+    where full recomputation costs a whole extra forward."""
+    import functools
+
+    import torch
+    from torch.utils.checkpoint import (
+        CheckpointPolicy,
+        create_selective_checkpoint_contexts,
+    )
+
+    aten = torch.ops.aten
+    keep = {aten.mm.default, aten.addmm.default, aten.bmm.default}
+    for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                 "_scaled_dot_product_cudnn_attention", "_flash_attention_forward", "_efficient_attention_forward"):
+        if hasattr(aten, name):
+            keep.add(getattr(aten, name).default)
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return {"use_reentrant": False,
+            "context_fn": functools.partial(create_selective_checkpoint_contexts, policy)}
 
 
 def _train_split(request: TrainRequest):
@@ -292,14 +342,68 @@ def merge_image_features(model: Any, inputs: dict[str, Any]) -> dict[str, Any]:
     return inputs
 
 
+def _head_and_backbone(model: Any) -> tuple[Any, Any]:
+    """(the model without its LM head, the LM head) of a PEFT-wrapped or plain vision-language model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(base, getattr(base, "base_model_prefix", "model"), None)
+    head = base.get_output_embeddings()
+    if backbone is None or head is None or backbone is base:
+        raise TypeError(f"{type(base).__name__} does not split into a backbone and an LM head")
+    return backbone, head
+
+
+def labelled_token_loss(model: Any, inputs: dict[str, Any], chunk_tokens: int = 2048) -> tuple[Any, Any]:
+    """(summed cross-entropy, number of labelled tokens) of a batch of cached features.
+
+    Next-token cross-entropy over the labelled positions only: the backbone's last hidden states at the positions
+    whose next token has a label go through the LM head in chunks, each chunk's logits recomputed in the backward
+    pass instead of kept. With Gemma 3's 262k vocabulary and ~1 labelled token in 6, this is ~1/6 of the head's
+    work and none of its [batch, length, vocab] memory; the number is the model's own loss (tests/test_encode.py).
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    inputs = merge_image_features(model, inputs)
+    labels = inputs.pop("labels")
+    backbone, head = _head_and_backbone(model)
+    hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1]
+    targets = labels[:, 1:].to(hidden.device)
+    labelled = targets != -100
+    hidden, targets = hidden[labelled], targets[labelled]
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+
+    def chunk_loss(states, wanted):
+        logits = head(states).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return F.cross_entropy(logits, wanted, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        total = total + checkpoint(chunk_loss, hidden[part], targets[part], use_reentrant=False)
+    return total, labelled.sum()
+
+
 def _with_image_features(trainer_class: type) -> type:
     class FeaturesTrainer(trainer_class):
-        """The trainer, fed cached image features: embeddings are built before the usual loss computation."""
+        """The trainer, fed cached image features: embeddings built from the cache, then the labelled-token loss
+        normalised as the trainer normalises its own (by the labelled tokens of the whole accumulated batch)."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            inputs = merge_image_features(model, inputs)
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            if return_outputs:  # evaluation asks for the logits: the model's own forward gives them
+                inputs = merge_image_features(model, inputs)
+                return super().compute_loss(model, inputs, return_outputs=True,
+                                            num_items_in_batch=num_items_in_batch)
+            import torch
+
+            total, count = labelled_token_loss(model, inputs)
+            denominator = count if num_items_in_batch is None else num_items_in_batch
+            loss = total / torch.as_tensor(denominator, device=total.device).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # DDP averages the gradients across ranks
+            return loss
 
     FeaturesTrainer.__name__ = f"Features{trainer_class.__name__}"
     return FeaturesTrainer
@@ -388,6 +492,24 @@ def _load_unsloth(request: TrainRequest, model_dir: Path, gradient_checkpointing
     return model, processor, None
 
 
+def _compile_layers(model: Any) -> bool:
+    """torch.compile each decoder layer of the language model in place (one graph per layer kind, shared by the
+    layers, shapes dynamic). False, with the reason on stderr, where the model has no such layer list."""
+    import torch
+
+    backbone, _ = _head_and_backbone(model)
+    layers = getattr(getattr(backbone, "language_model", backbone), "layers", None)
+    if layers is None:
+        print(f"not compiling: {type(backbone).__name__} has no language_model.layers", file=sys.stderr)
+        return False
+    dynamo = torch._dynamo.config
+    limit_name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo, limit_name, max(getattr(dynamo, limit_name), 64))  # a guard per layer must not fall back
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return True
+
+
 class TrainerSetup:
     """A built trainer and how it was built (what `train` runs; the benchmark and the tests use it too)."""
 
@@ -405,7 +527,10 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
     run_dir = resolve(request.output_dir)
     if not (model_dir / "config.json").exists():
         raise InputError(f"model folder {model_dir} has no config.json")
-    backend = choose_backend(request.train.backend)
+    # Whether cached features will be used is settled below (it needs transformers); the backend is chosen first,
+    # because Unsloth must be imported before transformers. A stale cache then trains from pixels on HF + PEFT.
+    features_expected = request.features_dir is not None and not request.train.finetune_vision_layers
+    backend = choose_backend(request.train.backend, features_expected)
     if backend == "unsloth":
         import torch
 
@@ -471,12 +596,12 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
         seed=train_cfg.seed,
         bf16=on_gpu and request.model.dtype == "bfloat16",
         fp16=on_gpu and request.model.dtype == "float16",
-        gradient_checkpointing=on_gpu and backend == "trl" and checkpointing,
+        gradient_checkpointing=on_gpu and backend == "trl" and checkpointing is True,
         max_length=request.model.max_seq_length,
         report_to=_report_to(),
         run_name=run_name,
         remove_unused_columns=False,
-        dataloader_num_workers=0,
+        dataloader_num_workers=FEATURES_LOADER_WORKERS if features and on_gpu else 0,
         disable_tqdm=False,
         **extra_args,
     )
@@ -500,6 +625,11 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
         callbacks=[_progress_callback(run_dir / "progress.json")],
         **collator_args,
     )
+    if on_gpu and backend == "trl" and checkpointing == "selective":
+        # On the model rather than through the arguments: the policy is a function, which the arguments (saved
+        # with every checkpoint) could not hold.
+        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=selective_checkpoint_kwargs())
+    compiled = features and on_gpu and FEATURES_COMPILE and _compile_layers(trainer.model)
     image_inputs = {
         "path": "features" if features else "pixels",
         "features_dir": plan["features_dir"],
@@ -508,6 +638,7 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
         "gradient_accumulation_steps": accumulation,
         "gradient_checkpointing": checkpointing,
         "group_by_length": group_by_length,
+        "compiled_layers": compiled,
     }
     return TrainerSetup(trainer, processor, rows, backend, image_inputs)
 

@@ -147,6 +147,68 @@ def test_loss_through_cached_features_equals_loss_through_pixels(tiny_model_dir,
     assert loss_features_bf16 == pytest.approx(loss_pixels_bf16, rel=1e-2)
 
 
+def test_labelled_token_loss_is_the_models_own_loss_in_any_chunking(tiny_model_dir, tiny_dataset_dir, encoded):
+    """The train job's loss on cached features (backbone, then cross-entropy over labelled positions in chunks)
+    equals the model's full-logits loss on the same batch, whatever the chunk size, gradients included."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from modal_jobs.encode import FeatureStore
+    from modal_jobs.train import (
+        FeatureCollator,
+        labelled_token_loss,
+        merge_image_features,
+    )
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    _, feature_rows = _rows(tiny_dataset_dir, 8)
+    cached = FeatureCollator(processor, FeatureStore(encoded.features_dir))(feature_rows)
+    reference = model(**merge_image_features(model, cached)).loss
+    reference.backward()
+    reference_grad = model.lm_head.weight.grad.clone()
+    labelled = int((cached["labels"][:, 1:] != -100).sum())
+    for chunk in (7, 64, 10_000):
+        model.zero_grad()
+        total, count = labelled_token_loss(model, dict(cached), chunk_tokens=chunk)
+        (total / count).backward()
+        assert int(count) == labelled
+        assert float(total / count) == pytest.approx(float(reference), rel=1e-5), chunk
+        torch.testing.assert_close(model.lm_head.weight.grad, reference_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_selective_recomputation_gives_the_same_gradients(tiny_model_dir, tiny_dataset_dir, encoded):
+    """The "selective" recomputation lever changes what the backward keeps, never what it computes."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from modal_jobs.encode import FeatureStore
+    from modal_jobs.train import LANGUAGE_TARGETS, FeatureCollator, labelled_token_loss, selective_checkpoint_kwargs
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=LANGUAGE_TARGETS, init_lora_weights=False))
+    _, feature_rows = _rows(tiny_dataset_dir, 4)
+    cached = FeatureCollator(processor, FeatureStore(encoded.features_dir))(feature_rows)
+
+    def lora_gradients():
+        model.zero_grad()
+        total, count = labelled_token_loss(model, dict(cached))
+        (total / count).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    model.train()
+    plain = lora_gradients()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=selective_checkpoint_kwargs())
+    assert model.base_model.model.model.language_model.gradient_checkpointing
+    selective = lora_gradients()
+    assert plain.keys() == selective.keys() and len(plain) > 0
+    for name in plain:
+        torch.testing.assert_close(selective[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_the_trainers_loss_is_the_same_on_both_paths(vlmpipe_home, tiny_model_dir, tiny_dataset_dir, encoded):
     """Through the train job's own trainers (TRL's fused LM head, its normalisation): same batch, same loss."""
     import torch

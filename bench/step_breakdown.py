@@ -1,0 +1,299 @@
+"""Where a training step's time goes on the cached-features path, one lever at a time, in one process.
+
+Run after `python -m bench.train_speed --only setup,encode --workdir W` (which builds the Gemma-3-4B-shaped model,
+the rendered data and the feature cache under W):
+
+    python -m bench.step_breakdown --workdir W --out OUT          (a CUDA machine; --tiny on a CPU for a smoke test)
+
+Each variant runs forward + backward on real collated batches (our FeatureCollator over the bench set, so real
+answer lengths and padding) under bf16 autocast, WARMUP steps then TIMED steps, and records samples/s, tokens/s
+and peak GiB. Variants: TRL SFTTrainer's loss (its fused LM head), with and without recomputation; the train
+job's labelled-token loss (modal_jobs.train.labelled_token_loss) with full, selective or no recomputation;
+length-sorted batches; Gemma 3's bidirectional image mask vs plain causal; torch.compile'd decoder layers. Then
+a torch.profiler table of the top kernels of one step, and the vision tower under each attention backend.
+Results: OUT/step_breakdown.json (rewritten after each variant, so a cut-short run still reports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+WARMUP, TIMED = 2, 6
+
+
+def _peak_reset():
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _peak_gib():
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/vlmpipe-train-speed"))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--budget-s", type=float, default=400)
+    parser.add_argument("--skip", default="", help="comma-separated variant names to skip")
+    args = parser.parse_args()
+    started = time.time()
+    deadline = started + args.budget_s
+    args.out.mkdir(parents=True, exist_ok=True)
+    import os
+
+    os.environ.setdefault("VLMPIPE_HOME", str(args.workdir.absolute() / "home"))
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    spec = json.loads((args.workdir / "spec-encode.json").read_text())
+    encode = json.loads((args.workdir / "result-encode.json").read_text())
+    skip = set(filter(None, args.skip.split(",")))
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if on_gpu else "cpu",
+                              "torch": torch.__version__, "variants": {}, "notes": []}
+
+    def save():
+        report["total_s"] = round(time.time() - started, 1)
+        (args.out / "step_breakdown.json").write_text(json.dumps(report, indent=2, default=str))
+
+    # The trainer exactly as the job builds it (TRL backend, cached features), to borrow its model and collator.
+    import modal_jobs.train as job
+    from bench.train_speed import _train_request
+    from modal_jobs.train import build_trainer
+
+    job.FEATURES_MAX_MICRO_BATCH = 64
+    spec = {**spec, "features_dir": encode["features_dir"]}
+    request = _train_request(spec, "breakdown", encode["features_dir"], "trl", 1000)
+    setup = build_trainer(request)
+    trainer = setup.trainer
+    model = trainer.model
+    collator = trainer.data_collator
+    rows = setup.rows
+    report["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
+    report["model_dtype"] = str(next(model.parameters()).dtype)
+    device = next(model.parameters()).device
+    texts_len = [len(setup.processor.tokenizer(r["completion"][0]["content"][0]["text"] if isinstance(
+        r["completion"][0]["content"], list) else r["completion"][0]["content"])["input_ids"]) for r in rows]
+    order_random = list(range(len(rows)))
+    order_sorted = sorted(order_random, key=lambda i: texts_len[i])
+
+    def batches(micro: int, order: list[int], count: int):
+        out, t0 = [], time.time()
+        for k in range(count):
+            idx = order[(k * micro) % len(order):][:micro]
+            if len(idx) < micro:
+                idx = order[:micro]
+            out.append(collator([rows[i] for i in idx]))
+        return out, (time.time() - t0) / count
+
+    def to_device(batch):
+        return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else torch.autocast("cpu", enabled=False)
+
+    def set_checkpointing(on: bool | str):
+        if on == "selective":
+            from modal_jobs.train import selective_checkpoint_kwargs
+
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=selective_checkpoint_kwargs())
+        elif on:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_disable()
+
+    def trl_loss(batch):
+        return trainer.compute_loss(model, dict(batch))
+
+    def run(name: str, loss_fn, micro: int, order: list[int], checkpointing: bool, count=WARMUP + TIMED):
+        if name in skip:
+            return
+        if time.time() > deadline - 30:
+            report["variants"][name] = {"skipped": "out of time"}
+            save()
+            return
+        try:
+            model.train()
+            set_checkpointing(checkpointing)
+            data, collate_s = batches(micro, order, count)
+            _peak_reset()
+            times, losses, tokens = [], [], 0
+            for step, batch in enumerate(data):
+                batch = to_device(batch)
+                _sync()
+                t0 = time.time()
+                with autocast:
+                    loss = loss_fn(batch)
+                loss.backward()
+                _sync()
+                times.append(time.time() - t0)
+                losses.append(float(loss))
+                if step >= WARMUP:
+                    tokens += int(batch["attention_mask"].numel())
+                model.zero_grad(set_to_none=True)
+            timed = times[WARMUP:]
+            report["variants"][name] = {
+                "micro_batch": micro, "checkpointing": checkpointing,
+                "samples_per_s": round(micro * len(timed) / sum(timed), 2),
+                "padded_tokens_per_s": round(tokens / sum(timed)),
+                "step_s": [round(t, 3) for t in times], "peak_gib": _peak_gib(),
+                "collate_s_per_batch": round(collate_s, 4), "losses": [round(x, 4) for x in losses[:3]],
+            }
+        except Exception as error:
+            report["variants"][name] = {"error": f"{type(error).__name__}: {str(error)[:400]}",
+                                        "trace": traceback.format_exc()[-1500:]}
+            model.zero_grad(set_to_none=True)
+        print(name, report["variants"][name].get("samples_per_s"), report["variants"][name].get("peak_gib"),
+              report["variants"][name].get("error", ""), flush=True)
+        save()
+
+    from modal_jobs.train import labelled_token_loss
+
+    def ours(batch):
+        total, count = labelled_token_loss(model, batch)
+        return total / count
+
+    def ours_causal(batch):  # without token_type_ids, Gemma 3 attends causally over the image too
+        return ours({name: value for name, value in batch.items() if name != "token_type_ids"})
+
+    big = 16 if on_gpu else 4
+    small = 4 if on_gpu else 2
+    run("trl_fused_head_ckpt_mb16", trl_loss, big, order_random, True)
+    run("trl_nockpt_mb4", trl_loss, small, order_random, False)
+    run("ours_ckpt_mb16", ours, big, order_random, True)
+    run("ours_ckpt_mb16_sorted", ours, big, order_sorted, True)
+    run("ours_nockpt_mb4", ours, small, order_random, False)
+    run("ours_nockpt_mb4_sorted", ours, small, order_sorted, False)
+    run("ours_nockpt_mb6_sorted", ours, 6 if on_gpu else 2, order_sorted, False)
+    run("ours_nockpt_mb4_sorted_causal", ours_causal, small, order_sorted, False)
+    run("ours_ckpt_mb32_sorted", ours, 32 if on_gpu else 4, order_sorted, True)
+    run("ours_selective_mb8_sorted", ours, 8 if on_gpu else 2, order_sorted, "selective")
+    run("ours_selective_mb16_sorted", ours, big, order_sorted, "selective")
+    run("ours_selective_mb16_sorted_causal", ours_causal, big, order_sorted, "selective")
+
+    # Kernel table for one no-recompute step of our loss.
+    if "profile" not in skip and time.time() < deadline - 60:
+        try:
+            from torch.profiler import ProfilerActivity, profile
+
+            set_checkpointing(False)
+            data, _ = batches(small, order_sorted, 2)
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+            for index, batch in enumerate(data):
+                batch = to_device(batch)
+                if index == 1:
+                    with profile(activities=activities) as prof:
+                        with autocast:
+                            loss = ours(batch)
+                        loss.backward()
+                        _sync()
+                else:
+                    with autocast:
+                        loss = ours(batch)
+                    loss.backward()
+                model.zero_grad(set_to_none=True)
+            key = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+            table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
+            (args.out / "step_profile.txt").write_text(table)
+            report["profile_top"] = table.splitlines()[:40]
+        except Exception as error:
+            report["profile_error"] = f"{type(error).__name__}: {error}"
+        save()
+
+    # torch.compile'd decoder layers (one region per layer class; dynamic lengths).
+    if "compile" not in skip and on_gpu and time.time() < deadline - 150:
+        try:
+            layers = model.get_base_model().model.language_model.layers
+            t0 = time.time()
+            for layer in layers:
+                layer.compile(dynamic=True)
+            run("ours_nockpt_mb4_sorted_compiled", ours, small, order_sorted, False, count=WARMUP + 2 + TIMED)
+            report["variants"].get("ours_nockpt_mb4_sorted_compiled", {})["wall_incl_compile_s"] = round(
+                time.time() - t0, 1)
+            run("ours_nockpt_mb6_sorted_compiled", ours, 6, order_sorted, False)
+            run("ours_selective_mb16_sorted_compiled", ours, big, order_sorted, "selective")
+        except Exception as error:
+            report["compile_error"] = f"{type(error).__name__}: {str(error)[:400]}"
+        save()
+
+    trainer = setup = model = None  # free the GPU for the vision measurements
+    _peak_reset()
+    if "vision" not in skip and on_gpu and time.time() < deadline - 40:
+        report["vision"] = vision_backends(spec["model_dir"])
+        save()
+    print(json.dumps({k: {x: v.get(x) for x in ("samples_per_s", "peak_gib", "error")}
+                      for k, v in report["variants"].items()}, indent=1))
+    print(json.dumps(report.get("vision"), indent=1))
+
+
+def _timed_features(backbone: Any, pixels: Any, repeats: int = 3) -> tuple[float, Any]:
+    """(images/s over `repeats` forwards after one warm-up, the warm-up's features)."""
+    import torch
+
+    from modal_jobs.encode import _image_features
+
+    features = _image_features(backbone, pixels)
+    torch.cuda.synchronize()
+    t0 = time.time()
+    for _ in range(repeats):
+        _image_features(backbone, pixels)
+    torch.cuda.synchronize()
+    return round(repeats * pixels.shape[0] / (time.time() - t0), 1), features
+
+
+def vision_backends(model_dir: str) -> dict:
+    """Images/s of the vision tower + projector on random pixels under each SDPA backend, batch 32."""
+    import contextlib
+
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa")
+    backbone = model.model
+    backbone.vision_tower.cuda()
+    backbone.multi_modal_projector.cuda()
+    out: dict[str, Any] = {}
+    pixels = torch.randn(32, 3, 896, 896, device="cuda", dtype=torch.bfloat16)
+    reference = None
+    # "no_autocast": bf16 weights throughout (layer norms in bf16 too): what it would gain, and the difference.
+    for name, backend, autocast in (("default", None, True), ("flash", SDPBackend.FLASH_ATTENTION, True),
+                                    ("cudnn", SDPBackend.CUDNN_ATTENTION, True),
+                                    ("efficient", SDPBackend.EFFICIENT_ATTENTION, True), ("no_autocast", None, False)):
+        try:
+            kernel = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast), kernel:
+                rate, features = _timed_features(backbone, pixels)
+            entry = {"images_per_s": rate}
+            if reference is None:
+                reference = features.float()
+            else:
+                entry["max_abs_diff_vs_default"] = float((features.float() - reference).abs().max())
+            out[name] = entry
+        except Exception as error:
+            out[name] = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
+    out["reference_abs_mean"] = float(reference.abs().mean()) if reference is not None else None
+    return out
+
+
+if __name__ == "__main__":
+    main()
