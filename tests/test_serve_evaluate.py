@@ -260,7 +260,8 @@ def test_server_killed_mid_evaluation_counts_failures_not_empty_predictions(
         stop_server(served.pid)
 
     metrics = result.metrics
-    assert metrics.num_scored >= 3 and metrics.num_failed >= 1
+    # The server logs a 200 as the response starts, so the third answer's body can be cut off by the kill.
+    assert metrics.num_scored >= 2 and metrics.num_failed >= 1
     assert metrics.num_scored + metrics.num_failed == metrics.num_samples == TEST_ROWS
     samples = json.loads((home / result.results_path).read_text())["samples"]
     failed = [s for s in samples if s["error"] is not None]
