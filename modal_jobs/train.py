@@ -505,6 +505,9 @@ def _compile_layers(model: Any) -> bool:
     dynamo = torch._dynamo.config
     limit_name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
     setattr(dynamo, limit_name, max(getattr(dynamo, limit_name), 64))  # a guard per layer must not fall back
+    # A machine that cannot compile (no C compiler for Triton's launchers, say) trains eagerly, with a warning,
+    # rather than failing at its first step.
+    dynamo.suppress_errors = True
     for layer in layers:
         layer.compile(dynamic=True)
     return True
