@@ -632,7 +632,8 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
         # On the model rather than through the arguments: the policy is a function, which the arguments (saved
         # with every checkpoint) could not hold.
         trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=selective_checkpoint_kwargs())
-    compiled = features and on_gpu and FEATURES_COMPILE and _compile_layers(trainer.model)
+    # Unsloth compiles (or not) by its own settings; compiling its patched layers again is not ours to do.
+    compiled = features and on_gpu and backend == "trl" and FEATURES_COMPILE and _compile_layers(trainer.model)
     image_inputs = {
         "path": "features" if features else "pixels",
         "features_dir": plan["features_dir"],
