@@ -25,7 +25,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +32,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from modal_jobs.serve import stop_server
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -70,20 +71,6 @@ def wait_healthy(url: str, server: subprocess.Popen, log: Path, timeout: float =
             pass
         time.sleep(0.5)
     sys.exit(f"error: prefect server not healthy after {timeout:.0f}s:\n{log.read_text()[-3000:]}")
-
-
-def stop(process: subprocess.Popen, timeout: float = 15.0) -> None:
-    """SIGTERM to the process group we started, SIGKILL if it is still there after `timeout`."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=timeout)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def capture(chromium: str, url: str, png: Path, profile: Path, budget_ms: int) -> str:
@@ -201,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                 pass
         return 1 if missing_any else 0
     finally:
-        stop(server)
+        stop_server(server.pid, timeout_s=15)  # the group it leads: the server and what it started
+        server.wait()
         shutil.rmtree(work, ignore_errors=True)
 
 
