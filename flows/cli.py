@@ -17,7 +17,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -57,6 +57,19 @@ def _fail(error: Exception) -> None:
     raise typer.Exit(1)
 
 
+def _run_flow(flow: Any, pipeline_config: Any, refresh: bool, as_json: bool) -> Any:
+    """Run a pipeline flow; its result, or None once `--json` has printed it. Any failure exits 1 with the reason."""
+    try:
+        result = flow(config=pipeline_config, refresh=refresh)
+    except Exception as error:
+        _fail(error)
+    if as_json:
+        sys.stdout.write(result.model_dump_json() + "\n")
+        return None
+    typer.echo("")
+    return result
+
+
 @app.command()
 def run(
     config: ConfigOption = None,
@@ -68,14 +81,9 @@ def run(
     pipeline_config = _config(config, set_)
     from flows.pipeline import finetune_pipeline
 
-    try:
-        result = finetune_pipeline(config=pipeline_config, refresh=refresh)
-    except Exception as error:
-        _fail(error)
-    if as_json:
-        sys.stdout.write(result.model_dump_json() + "\n")
+    result = _run_flow(finetune_pipeline, pipeline_config, refresh, as_json)
+    if result is None:
         return
-    typer.echo("")
     for stage, outcome in result.stages.items():
         typer.echo(f"  {stage:<20} {outcome.state}")
     typer.echo(f"\nmerged model:  {result.merged_dir}\nLoRA adapter:  {result.adapter_dir}")
@@ -181,14 +189,9 @@ def retrain(
     pipeline_config = _config(config, set_)
     from flows.retrain import retrain as retrain_flow
 
-    try:
-        result = retrain_flow(config=pipeline_config, refresh=refresh)
-    except Exception as error:
-        _fail(error)
-    if as_json:
-        sys.stdout.write(result.model_dump_json() + "\n")
+    result = _run_flow(retrain_flow, pipeline_config, refresh, as_json)
+    if result is None:
         return
-    typer.echo("")
     for stage, state in result.stages.items():
         typer.echo(f"  {stage:<20} {state}")
     typer.echo(f"\n{result.decision.reason}\nchampion ({result.registry}): {result.champion_merged_dir}")
