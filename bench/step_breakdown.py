@@ -23,18 +23,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from bench.train_speed import _cuda_peak_gib, _reset_peak, _train_request
+
 WARMUP, TIMED = 2, 6
-
-
-def _peak_reset():
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
 
 
 def _sync():
@@ -42,12 +33,6 @@ def _sync():
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def _peak_gib():
-    import torch
-
-    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
 
 
 def main() -> None:
@@ -78,7 +63,6 @@ def main() -> None:
 
     # The trainer exactly as the job builds it (TRL backend, cached features), to borrow its model and collator.
     import modal_jobs.train as job
-    from bench.train_speed import _train_request
     from modal_jobs.train import build_trainer
 
     job.FEATURES_MAX_MICRO_BATCH = 64
@@ -135,7 +119,7 @@ def main() -> None:
             model.train()
             set_checkpointing(checkpointing)
             data, collate_s = batches(micro, order, count)
-            _peak_reset()
+            _reset_peak()
             times, losses, tokens = [], [], 0
             for step, batch in enumerate(data):
                 batch = to_device(batch)
@@ -155,7 +139,7 @@ def main() -> None:
                 "micro_batch": micro, "checkpointing": checkpointing,
                 "samples_per_s": round(micro * len(timed) / sum(timed), 2),
                 "padded_tokens_per_s": round(tokens / sum(timed)),
-                "step_s": [round(t, 3) for t in times], "peak_gib": _peak_gib(),
+                "step_s": [round(t, 3) for t in times], "peak_gib": _cuda_peak_gib(),
                 "collate_s_per_batch": round(collate_s, 4), "losses": [round(x, 4) for x in losses[:3]],
             }
         except Exception as error:
@@ -236,7 +220,7 @@ def main() -> None:
         save()
 
     trainer = setup = model = None  # free the GPU for the vision measurements
-    _peak_reset()
+    _reset_peak()
     if "vision" not in skip and on_gpu and time.time() < deadline - 40:
         report["vision"] = vision_backends(spec["model_dir"])
         save()
