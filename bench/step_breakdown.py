@@ -17,6 +17,7 @@ Results: OUT/step_breakdown.json (rewritten after each variant, so a cut-short r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 import traceback
@@ -41,6 +42,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--budget-s", type=float, default=400)
     parser.add_argument("--skip", default="", help="comma-separated variant names to skip")
+    parser.add_argument("--set", choices=("v1", "v2"), default="v2",
+                        help="v1: the first session's levers (loss, recomputation, sorting, mask); "
+                             "v2: fused LoRA forwards, bucketed lengths, compiled micro-batch sizes")
     args = parser.parse_args()
     started = time.time()
     deadline = started + args.budget_s
@@ -66,6 +70,7 @@ def main() -> None:
     from modal_jobs.train import build_trainer
 
     job.FEATURES_MAX_MICRO_BATCH = 64
+    job.FEATURES_COMPILE = False  # the variants below compile when they mean to
     spec = {**spec, "features_dir": encode["features_dir"]}
     request = _train_request(spec, "breakdown", encode["features_dir"], "trl", 1000)
     setup = build_trainer(request)
@@ -150,6 +155,44 @@ def main() -> None:
               report["variants"][name].get("error", ""), flush=True)
         save()
 
+    def profile_step(label: str, loss_fn, micro: int, order: list[int], checkpointing):
+        """A kernel table of one step (after one unprofiled step) and how busy the GPU was during it."""
+        if "profile" in skip or time.time() > deadline - 60:
+            return
+        try:
+            from torch.profiler import ProfilerActivity, profile
+
+            set_checkpointing(checkpointing)
+            data, _ = batches(micro, order, 2)
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+            for index, batch in enumerate(data):
+                batch = to_device(batch)
+                _sync()
+                t0 = time.time()
+                with profile(activities=activities) if index == 1 else contextlib.nullcontext() as prof:
+                    with autocast:
+                        loss = loss_fn(batch)
+                    loss.backward()
+                    _sync()
+                wall = time.time() - t0
+                model.zero_grad(set_to_none=True)
+            key = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+            averages = prof.key_averages()
+            table = averages.table(sort_by=key, row_limit=30, max_name_column_width=70)
+            name = "step_profile-" + "".join(c if c.isalnum() else "_" for c in label) + ".txt"
+            (args.out / name).write_text(table)
+            gpu_s = sum(getattr(event, "self_device_time_total", 0) for event in averages) / 1e6
+            report.setdefault("profiles", {})[label] = {
+                "file": name, "wall_s": round(wall, 3), "gpu_kernel_s": round(gpu_s, 3),
+                "gpu_busy": round(gpu_s / wall, 3) if wall else None, "micro_batch": micro}
+        except Exception as error:
+            report.setdefault("profiles", {})[label] = {"error": f"{type(error).__name__}: {error}"}
+        save()
+
+    def compile_layers():
+        for layer in model.get_base_model().model.language_model.layers:
+            layer.compile(dynamic=True)
+
     from modal_jobs.train import labelled_token_loss
 
     def ours(batch):
@@ -161,6 +204,71 @@ def main() -> None:
 
     big = 16 if on_gpu else 4
     small = 4 if on_gpu else 2
+    if args.set == "v1":
+        _first_levers(run, trl_loss, ours, ours_causal, big, small, order_random, order_sorted, on_gpu)
+        profile_step("no recompute, 4, sorted", ours, small, order_sorted, False)
+        if "compile" not in skip and on_gpu and time.time() < deadline - 150:
+            t0 = time.time()
+            compile_layers()
+            run("ours_nockpt_mb4_sorted_compiled", ours, small, order_sorted, False, count=WARMUP + 2 + TIMED)
+            report["variants"].get("ours_nockpt_mb4_sorted_compiled", {})["wall_incl_compile_s"] = round(
+                time.time() - t0, 1)
+            run("ours_nockpt_mb6_sorted_compiled", ours, 6, order_sorted, False)
+            run("ours_selective_mb16_sorted_compiled", ours, big, order_sorted, "selective")
+    else:
+        # v2: the fused LoRA forward and bucketed lengths, eager then compiled; the last compiled variant is the
+        # job's path before them (PEFT's forward, unpadded), so the comparison is made in one process.
+        from modal_jobs.train import fuse_lora_forwards
+
+        def peft_forwards():
+            for module in model.modules():
+                module.__dict__.pop("forward", None)
+
+        def padding(multiple):
+            collator.pad_to_multiple_of = multiple
+
+        huge = 32 if on_gpu else 4
+        peft_forwards(), padding(None)
+        run("peft_ckpt_mb16", ours, big, order_random, True)
+        report["fused_lora_layers"] = fuse_lora_forwards(model)
+        run("fused_ckpt_mb16", ours, big, order_random, True)
+        padding(64)
+        run("fused_pad64_ckpt_mb16", ours, big, order_random, True)
+        run("fused_pad64_ckpt_mb32", ours, huge, order_random, True)
+        if "compile" not in skip and on_gpu and time.time() < deadline - 150:
+            t0 = time.time()
+            compile_layers()
+            run("fused_pad64_ckpt_mb16_compiled", ours, big, order_random, True, count=WARMUP + 2 + TIMED)
+            report["variants"].get("fused_pad64_ckpt_mb16_compiled", {})["wall_incl_compile_s"] = round(
+                time.time() - t0, 1)
+            run("fused_pad64_selective_mb16_compiled", ours, big, order_random, "selective")
+            run("fused_pad64_ckpt_mb32_compiled", ours, huge, order_random, True)
+            run("fused_pad64_selective_mb32_compiled", ours, huge, order_random, "selective")
+            run("fused_pad64_nockpt_mb8_compiled", ours, 8, order_random, False)
+            profile_step("fused, pad 64, recompute, 16, compiled", ours, big, order_random, True)
+            profile_step("fused, pad 64, selective, 32, compiled", ours, huge, order_random, "selective")
+            padding(None)
+            run("fused_ckpt_mb16_compiled", ours, big, order_random, True)
+            peft_forwards()
+            torch._dynamo.reset()  # compile PEFT's forwards afresh, as the job did
+            t0 = time.time()
+            run("peft_ckpt_mb16_compiled", ours, big, order_random, True, count=WARMUP + 2 + TIMED)
+            report["variants"].get("peft_ckpt_mb16_compiled", {})["wall_incl_compile_s"] = round(
+                time.time() - t0, 1)
+        save()
+
+    trainer = setup = model = None  # free the GPU for the vision measurements
+    _reset_peak()
+    if "vision" not in skip and on_gpu and time.time() < deadline - 40:
+        report["vision"] = vision_backends(spec["model_dir"])
+        save()
+    print(json.dumps({k: {x: v.get(x) for x in ("samples_per_s", "peak_gib", "error")}
+                      for k, v in report["variants"].items()}, indent=1))
+    print(json.dumps(report.get("vision"), indent=1))
+
+
+def _first_levers(run, trl_loss, ours, ours_causal, big, small, order_random, order_sorted, on_gpu) -> None:
+    """The first session's variants (BENCHMARKS.md's "where the time goes" table)."""
     run("trl_fused_head_ckpt_mb16", trl_loss, big, order_random, True)
     run("trl_nockpt_mb4", trl_loss, small, order_random, False)
     run("ours_ckpt_mb16", ours, big, order_random, True)
@@ -173,60 +281,6 @@ def main() -> None:
     run("ours_selective_mb8_sorted", ours, 8 if on_gpu else 2, order_sorted, "selective")
     run("ours_selective_mb16_sorted", ours, big, order_sorted, "selective")
     run("ours_selective_mb16_sorted_causal", ours_causal, big, order_sorted, "selective")
-
-    # Kernel table for one no-recompute step of our loss.
-    if "profile" not in skip and time.time() < deadline - 60:
-        try:
-            from torch.profiler import ProfilerActivity, profile
-
-            set_checkpointing(False)
-            data, _ = batches(small, order_sorted, 2)
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-            for index, batch in enumerate(data):
-                batch = to_device(batch)
-                if index == 1:
-                    with profile(activities=activities) as prof:
-                        with autocast:
-                            loss = ours(batch)
-                        loss.backward()
-                        _sync()
-                else:
-                    with autocast:
-                        loss = ours(batch)
-                    loss.backward()
-                model.zero_grad(set_to_none=True)
-            key = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
-            table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
-            (args.out / "step_profile.txt").write_text(table)
-            report["profile_top"] = table.splitlines()[:40]
-        except Exception as error:
-            report["profile_error"] = f"{type(error).__name__}: {error}"
-        save()
-
-    # torch.compile'd decoder layers (one region per layer class; dynamic lengths).
-    if "compile" not in skip and on_gpu and time.time() < deadline - 150:
-        try:
-            layers = model.get_base_model().model.language_model.layers
-            t0 = time.time()
-            for layer in layers:
-                layer.compile(dynamic=True)
-            run("ours_nockpt_mb4_sorted_compiled", ours, small, order_sorted, False, count=WARMUP + 2 + TIMED)
-            report["variants"].get("ours_nockpt_mb4_sorted_compiled", {})["wall_incl_compile_s"] = round(
-                time.time() - t0, 1)
-            run("ours_nockpt_mb6_sorted_compiled", ours, 6, order_sorted, False)
-            run("ours_selective_mb16_sorted_compiled", ours, big, order_sorted, "selective")
-        except Exception as error:
-            report["compile_error"] = f"{type(error).__name__}: {str(error)[:400]}"
-        save()
-
-    trainer = setup = model = None  # free the GPU for the vision measurements
-    _reset_peak()
-    if "vision" not in skip and on_gpu and time.time() < deadline - 40:
-        report["vision"] = vision_backends(spec["model_dir"])
-        save()
-    print(json.dumps({k: {x: v.get(x) for x in ("samples_per_s", "peak_gib", "error")}
-                      for k, v in report["variants"].items()}, indent=1))
-    print(json.dumps(report.get("vision"), indent=1))
 
 
 def _timed_features(backbone: Any, pixels: Any, repeats: int = 3) -> tuple[float, Any]:

@@ -130,6 +130,12 @@ FEATURES_COMPILE = True
 FEATURES_GROUP_BY_LENGTH = False
 # Processes collating batches (chat template, tokenizer, feature reads) while the GPU trains (CUDA only).
 FEATURES_LOADER_WORKERS = 2
+# LoRA layers computed as one matmul-with-add (`fuse_lora_forwards`) instead of PEFT's cast-to-float32, two
+# matmuls, scale and add: the same arithmetic under autocast, without the element-wise passes over activations.
+FEATURES_FUSED_LORA = True
+# Pad each batch's length up to a multiple of this (None: to its longest row). Fewer distinct shapes for the
+# compiled layers to specialise on; the padding is masked and unlabelled, so the loss is unchanged.
+FEATURES_PAD_TO_MULTIPLE: int | None = 64
 
 
 def selective_checkpoint_kwargs() -> dict[str, Any]:
@@ -225,13 +231,15 @@ class FeatureCollator:
     concatenation, flush-left and truncation. `image_features` [batch, mm_tokens, hidden] replaces pixel_values.
     """
 
-    def __init__(self, processor: Any, store: Any, max_length: int | None = None, completion_only_loss: bool = True):
+    def __init__(self, processor: Any, store: Any, max_length: int | None = None, completion_only_loss: bool = True,
+                 pad_to_multiple_of: int | None = None):
         from PIL import Image
 
         self.processor = processor
         self.store = store
         self.max_length = max_length
         self.completion_only_loss = completion_only_loss
+        self.pad_to_multiple_of = pad_to_multiple_of
         self._stand_in = Image.new("RGB", (32, 32), "white")
         self._prompts: dict[str, dict[str, list[int]]] = {}
 
@@ -299,6 +307,19 @@ class FeatureCollator:
         labels[attention_mask == 0] = -100
         if self.completion_only_loss:
             labels[completion_mask == 0] = -100
+        if self.pad_to_multiple_of:
+            # Right padding past every row's end: masked, unlabelled, so no row's loss or gradient changes.
+            width = input_ids.shape[1]
+            target = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+            if self.max_length is not None:
+                target = max(width, min(target, self.max_length))
+            fill = {"input_ids": pad_id, "attention_mask": 0, "labels": -100}
+            padded = {name: torch.nn.functional.pad(tensor, (0, target - width), value=fill.get(name, 0))
+                      for name, tensor in {"input_ids": input_ids, "attention_mask": attention_mask,
+                                           "labels": labels, **extra}.items()}
+            input_ids, attention_mask, labels = padded.pop("input_ids"), padded.pop("attention_mask"), padded.pop(
+                "labels")
+            extra = padded
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -492,6 +513,49 @@ def _load_unsloth(request: TrainRequest, model_dir: Path, gradient_checkpointing
     return model, processor, None
 
 
+def _fused_lora_forward(self, x, *args, **kwargs):
+    """A PEFT LoRA Linear's forward as base(x) + scaling * (x A^T) B^T, the add done by the second matmul (addmm),
+    in the base layer's output dtype: what PEFT computes under autocast, without its float32 copy of the input
+    and the separate scale and add passes. Anything but one plain active adapter takes PEFT's own forward."""
+    import torch
+    import torch.nn.functional as F
+
+    active = self.active_adapters
+    if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None or len(active) != 1:
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x, *args, **kwargs)
+    name = active[0]
+    if name not in self.lora_A:
+        return result
+    dtype = result.dtype
+    low_rank = F.linear(x.to(dtype), self.lora_A[name].weight.to(dtype))
+    fused = torch.addmm(result.reshape(-1, result.shape[-1]), low_rank.reshape(-1, low_rank.shape[-1]),
+                        self.lora_B[name].weight.to(dtype).t(), alpha=self.scaling[name])
+    return fused.view(result.shape)
+
+
+def fuse_lora_forwards(model: Any) -> int:
+    """Give every plain LoRA Linear of `model` (one adapter, no dropout, no DoRA or other variant, no bias on
+    lora_B, an nn.Linear base) `_fused_lora_forward`; returns how many. Others keep PEFT's forward."""
+    import types
+
+    import torch
+    from peft.tuners.lora import Linear as LoraLinear
+
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLinear) or not isinstance(module.base_layer, torch.nn.Linear):
+            continue
+        names = list(module.lora_A.keys())
+        if len(names) != 1 or getattr(module, "lora_variant", {}).get(names[0]) is not None:
+            continue
+        if not isinstance(module.lora_dropout[names[0]], torch.nn.Identity) or module.lora_B[names[0]].bias is not None:
+            continue
+        module.forward = types.MethodType(_fused_lora_forward, module)
+        count += 1
+    return count
+
+
 def _compile_layers(model: Any) -> bool:
     """torch.compile each decoder layer of the language model in place (one graph per layer kind, shared by the
     layers, shapes dynamic). False, with the reason on stderr, where the model has no such layer list."""
@@ -614,7 +678,7 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
         tokenizer = processor.tokenizer if group_by_length else None
         rows = _feature_rows(request, train_split, tokenizer)
         collator = FeatureCollator(processor, FeatureStore(plan["features_dir"]), max_length=args.max_length,
-                                   completion_only_loss=True)
+                                   completion_only_loss=True, pad_to_multiple_of=FEATURES_PAD_TO_MULTIPLE)
         trainer_class, collator_args = _with_image_features(SFTTrainer), {"data_collator": collator}
     else:
         rows = pixel_rows if pixel_rows is not None else _pixel_rows(request, train_split)
@@ -632,7 +696,8 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
         # On the model rather than through the arguments: the policy is a function, which the arguments (saved
         # with every checkpoint) could not hold.
         trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=selective_checkpoint_kwargs())
-    # Unsloth compiles (or not) by its own settings; compiling its patched layers again is not ours to do.
+    # Unsloth has its own LoRA forwards and compiles (or not) by its own settings; not ours to redo.
+    fused_lora = features and backend == "trl" and FEATURES_FUSED_LORA and fuse_lora_forwards(trainer.model)
     compiled = features and on_gpu and backend == "trl" and FEATURES_COMPILE and _compile_layers(trainer.model)
     image_inputs = {
         "path": "features" if features else "pixels",
@@ -643,6 +708,8 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
         "gradient_checkpointing": checkpointing,
         "group_by_length": group_by_length,
         "compiled_layers": compiled,
+        "fused_lora_layers": fused_lora or 0,
+        "pad_to_multiple_of": FEATURES_PAD_TO_MULTIPLE if features else None,
     }
     return TrainerSetup(trainer, processor, rows, backend, image_inputs)
 

@@ -184,7 +184,12 @@ def test_selective_recomputation_gives_the_same_gradients(tiny_model_dir, tiny_d
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from modal_jobs.encode import FeatureStore
-    from modal_jobs.train import LANGUAGE_TARGETS, FeatureCollator, labelled_token_loss, selective_checkpoint_kwargs
+    from modal_jobs.train import (
+        LANGUAGE_TARGETS,
+        FeatureCollator,
+        labelled_token_loss,
+        selective_checkpoint_kwargs,
+    )
 
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
@@ -207,6 +212,62 @@ def test_selective_recomputation_gives_the_same_gradients(tiny_model_dir, tiny_d
     assert plain.keys() == selective.keys() and len(plain) > 0
     for name in plain:
         torch.testing.assert_close(selective[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_fused_lora_forwards_give_the_same_loss_and_gradients(tiny_model_dir, tiny_dataset_dir, encoded):
+    """The fused LoRA forward (one matmul-with-add) computes what PEFT's does: same loss, same adapter gradients;
+    and padding a batch to a multiple of 64 changes neither."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from modal_jobs.encode import FeatureStore
+    from modal_jobs.train import (
+        LANGUAGE_TARGETS,
+        FeatureCollator,
+        fuse_lora_forwards,
+        labelled_token_loss,
+    )
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=LANGUAGE_TARGETS,
+                                            init_lora_weights=False))
+    _, feature_rows = _rows(tiny_dataset_dir, 4)
+    store = FeatureStore(encoded.features_dir)
+    cached = FeatureCollator(processor, store)(feature_rows)
+    padded = FeatureCollator(processor, store, pad_to_multiple_of=64)(feature_rows)
+    assert padded["input_ids"].shape[1] % 64 == 0 and padded["input_ids"].shape[1] > cached["input_ids"].shape[1]
+    assert padded["attention_mask"][:, cached["input_ids"].shape[1]:].sum() == 0
+
+    def loss_and_gradients(batch):
+        model.zero_grad()
+        total, count = labelled_token_loss(model, dict(batch))
+        loss = total / count
+        loss.backward()
+        return float(loss), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    def base_loss():  # adapters switched off: PEFT's own forward, the base model's loss
+        with model.disable_adapter(), torch.no_grad():
+            total, count = labelled_token_loss(model, dict(cached))
+        return float(total / count)
+
+    model.train()
+    peft_loss, peft_grads = loss_and_gradients(cached)
+    peft_base_loss = base_loss()
+    lora_layers = sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A"))
+    assert fuse_lora_forwards(model) == lora_layers > 0
+    fused_loss, fused_grads = loss_and_gradients(cached)
+    padded_loss, padded_grads = loss_and_gradients(padded)
+    assert fused_loss == pytest.approx(peft_loss, rel=1e-5)
+    assert padded_loss == pytest.approx(peft_loss, rel=1e-5)
+    assert peft_grads.keys() == fused_grads.keys() and len(peft_grads) == 2 * lora_layers
+    for name in peft_grads:
+        torch.testing.assert_close(fused_grads[name], peft_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(padded_grads[name], peft_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert base_loss() == pytest.approx(peft_base_loss, rel=1e-6)
+    assert peft_base_loss != pytest.approx(peft_loss, rel=1e-4)  # so the adapters were really in the loss above
 
 
 def test_the_trainers_loss_is_the_same_on_both_paths(vlmpipe_home, tiny_model_dir, tiny_dataset_dir, encoded):
