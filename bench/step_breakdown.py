@@ -42,9 +42,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--budget-s", type=float, default=400)
     parser.add_argument("--skip", default="", help="comma-separated variant names to skip")
-    parser.add_argument("--set", choices=("v1", "v2"), default="v2",
+    parser.add_argument("--set", choices=("v1", "v2", "v3"), default="v3",
                         help="v1: the first session's levers (loss, recomputation, sorting, mask); "
-                             "v2: fused LoRA forwards, bucketed lengths, compiled micro-batch sizes")
+                             "v2: fused LoRA forwards, bucketed lengths, compiled micro-batch sizes; "
+                             "v3: recomputation around or inside the compiled layers, full or selective")
     args = parser.parse_args()
     started = time.time()
     deadline = started + args.budget_s
@@ -215,6 +216,44 @@ def main() -> None:
                 time.time() - t0, 1)
             run("ours_nockpt_mb6_sorted_compiled", ours, 6, order_sorted, False)
             run("ours_selective_mb16_sorted_compiled", ours, big, order_sorted, "selective")
+    elif args.set == "v3":
+        # v3: where recomputation happens with compiled layers (fused LoRA forwards, lengths padded to 64, 16).
+        import functools
+
+        import modal_jobs.train as job
+
+        layers = model.get_base_model().model.language_model.layers
+        selective = job.selective_checkpoint_kwargs
+
+        def compiled(recompute, max_saved_width=None):
+            torch._dynamo.reset()
+            for layer in layers:
+                layer.__dict__.pop("forward", None)
+            job.selective_checkpoint_kwargs = functools.partial(selective, max_saved_width=max_saved_width)
+            job._compile_layers(model, recompute=recompute)
+
+        def timed_with_compile(name, micro, order, checkpointing):
+            t0 = time.time()
+            run(name, ours, micro, order, checkpointing, count=WARMUP + 2 + TIMED)
+            report["variants"].get(name, {})["wall_incl_compile_s"] = round(time.time() - t0, 1)
+
+        if on_gpu and "compile" not in skip:
+            compiled(False)
+            timed_with_compile("around_ckpt_mb16", big, order_random, True)
+            compiled(True)
+            timed_with_compile("inside_ckpt_mb16", big, order_random, False)
+            run("inside_ckpt_mb16_sorted", ours, big, order_sorted, False)
+            run("inside_ckpt_mb32", ours, 32, order_random, False)
+            compiled("selective", max_saved_width=2560)
+            timed_with_compile("inside_selective_narrow_mb16", big, order_random, False)
+            run("inside_selective_narrow_mb16_sorted", ours, big, order_sorted, False)
+            profile_step("inside, selective narrow, 16", ours, big, order_random, False)
+            compiled("selective")
+            timed_with_compile("inside_selective_mb16", big, order_random, False)
+            run("inside_selective_mb16_sorted", ours, big, order_sorted, False)
+            profile_step("inside, selective, 16", ours, big, order_random, False)
+            job.selective_checkpoint_kwargs = selective
+        save()
     else:
         # v2: the fused LoRA forward and bucketed lengths, eager then compiled; the last compiled variant is the
         # job's path before them (PEFT's forward, unpadded), so the comparison is made in one process.

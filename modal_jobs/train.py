@@ -126,6 +126,8 @@ FEATURES_GRADIENT_CHECKPOINTING = True
 # torch.compile each decoder layer (CUDA only; dynamic shapes): fuses element-wise work and cuts launches.
 # Compiling costs ~2 minutes once per process, and some new batch shapes still recompile (seconds each).
 FEATURES_COMPILE = True
+# Where compiled, recompute inside each compiled layer rather than around it (transformers' checkpointing).
+FEATURES_RECOMPUTE_IN_COMPILED = True
 # Batches of similar length pad less, but they change which samples share a batch (not how a batch is scored).
 FEATURES_GROUP_BY_LENGTH = False
 # Processes collating batches (chat template, tokenizer, feature reads) while the GPU trains (CUDA only).
@@ -138,11 +140,12 @@ FEATURES_FUSED_LORA = True
 FEATURES_PAD_TO_MULTIPLE: int | None = 64
 
 
-def selective_checkpoint_kwargs() -> dict[str, Any]:
+def selective_checkpoint_kwargs(max_saved_width: int | None = None) -> dict[str, Any]:
     """gradient_checkpointing_kwargs for selective recomputation: the backward keeps what the matmuls and the
     attention kernels produced and recomputes only the cheap element-wise work between them (norms, activations,
     casts, rotary embeddings). For a Gemma 3 4B layer that keeps ~1/3 of the activations for ~2% more work,
-    where full recomputation costs a whole extra forward."""
+    where full recomputation costs a whole extra forward. `max_saved_width`: recompute matmul outputs wider than
+    this too (the MLP's gate and up projections: most of the memory, under half of the matmul work)."""
     import functools
 
     import torch
@@ -158,8 +161,14 @@ def selective_checkpoint_kwargs() -> dict[str, Any]:
         if hasattr(aten, name):
             keep.add(getattr(aten, name).default)
 
+    matmuls = {aten.mm.default, aten.addmm.default}
+
     def policy(ctx, op, *args, **kwargs):
-        return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
+        if op not in keep:
+            return CheckpointPolicy.PREFER_RECOMPUTE
+        if max_saved_width is not None and op in matmuls and args[-1].shape[-1] > max_saved_width:
+            return CheckpointPolicy.PREFER_RECOMPUTE  # a wide output (the MLP's gate/up): cheaper to recompute
+        return CheckpointPolicy.MUST_SAVE
 
     return {"use_reentrant": False,
             "context_fn": functools.partial(create_selective_checkpoint_contexts, policy)}
@@ -556,9 +565,21 @@ def fuse_lora_forwards(model: Any) -> int:
     return count
 
 
-def _compile_layers(model: Any) -> bool:
+def _recomputed(forward: Any, checkpoint_kwargs: dict[str, Any]) -> Any:
+    def call(*args, **kwargs):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(forward, *args, **checkpoint_kwargs, **kwargs)
+
+    return call
+
+
+def _compile_layers(model: Any, recompute: bool | str = False, backend: str = "inductor") -> bool:
     """torch.compile each decoder layer of the language model in place (one graph per layer kind, shared by the
-    layers, shapes dynamic). False, with the reason on stderr, where the model has no such layer list."""
+    layers, shapes dynamic). With `recompute` (True, or "selective" for `selective_checkpoint_kwargs`' policy) the
+    layer's activations are recomputed in the backward pass by a checkpoint *inside* the compiled region, where the
+    compiler sees both passes and the policy sees its matmuls (around a compiled layer, it sees one opaque call).
+    False, with the reason on stderr, where the model has no such layer list."""
     import torch
 
     backbone, _ = _head_and_backbone(model)
@@ -572,8 +593,11 @@ def _compile_layers(model: Any) -> bool:
     # A machine that cannot compile (no C compiler for Triton's launchers, say) trains eagerly, with a warning,
     # rather than failing at its first step.
     dynamo.suppress_errors = True
+    checkpoint_kwargs = selective_checkpoint_kwargs() if recompute == "selective" else {"use_reentrant": False}
     for layer in layers:
-        layer.compile(dynamic=True)
+        if recompute:
+            layer.forward = _recomputed(layer.forward, checkpoint_kwargs)
+        layer.compile(dynamic=True, backend=backend)
     return True
 
 
@@ -634,6 +658,8 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
 
     train_cfg = request.train
     on_gpu = torch.cuda.is_available()
+    compile_layers = features and on_gpu and backend == "trl" and FEATURES_COMPILE
+    recompute_in_compiled = bool(compile_layers and FEATURES_RECOMPUTE_IN_COMPILED and checkpointing)
     micro_batch, accumulation = _micro_batch(train_cfg, features)
     group_by_length = features and FEATURES_GROUP_BY_LENGTH
     extra_args: dict[str, Any] = {}
@@ -663,7 +689,7 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
         seed=train_cfg.seed,
         bf16=on_gpu and request.model.dtype == "bfloat16",
         fp16=on_gpu and request.model.dtype == "float16",
-        gradient_checkpointing=on_gpu and backend == "trl" and checkpointing is True,
+        gradient_checkpointing=on_gpu and backend == "trl" and checkpointing is True and not recompute_in_compiled,
         max_length=request.model.max_seq_length,
         report_to=_report_to(),
         run_name=run_name,
@@ -692,13 +718,13 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
         callbacks=[_progress_callback(run_dir / "progress.json")],
         **collator_args,
     )
-    if on_gpu and backend == "trl" and checkpointing == "selective":
+    if on_gpu and backend == "trl" and checkpointing == "selective" and not recompute_in_compiled:
         # On the model rather than through the arguments: the policy is a function, which the arguments (saved
         # with every checkpoint) could not hold.
         trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=selective_checkpoint_kwargs())
     # Unsloth has its own LoRA forwards and compiles (or not) by its own settings; not ours to redo.
     fused_lora = features and backend == "trl" and FEATURES_FUSED_LORA and fuse_lora_forwards(trainer.model)
-    compiled = features and on_gpu and backend == "trl" and FEATURES_COMPILE and _compile_layers(trainer.model)
+    compiled = compile_layers and _compile_layers(trainer.model, checkpointing if recompute_in_compiled else False)
     image_inputs = {
         "path": "features" if features else "pixels",
         "features_dir": plan["features_dir"],
@@ -708,6 +734,7 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
         "gradient_checkpointing": checkpointing,
         "group_by_length": group_by_length,
         "compiled_layers": compiled,
+        "recompute_in_compiled_layers": recompute_in_compiled,
         "fused_lora_layers": fused_lora or 0,
         "pad_to_multiple_of": FEATURES_PAD_TO_MULTIPLE if features else None,
     }

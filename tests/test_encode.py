@@ -270,6 +270,57 @@ def test_fused_lora_forwards_give_the_same_loss_and_gradients(tiny_model_dir, ti
     assert peft_base_loss != pytest.approx(peft_loss, rel=1e-4)  # so the adapters were really in the loss above
 
 
+@pytest.mark.parametrize("recompute", [True, "selective"])
+def test_recomputing_inside_compiled_layers_gives_the_same_gradients(tiny_model_dir, tiny_dataset_dir, encoded,
+                                                                     recompute):
+    """Layers compiled with their recomputation inside (here with the aot_eager backend, which traces and
+    partitions as inductor does but needs no C compiler) give the gradients of the plain eager model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from modal_jobs.encode import FeatureStore
+    from modal_jobs.train import (
+        LANGUAGE_TARGETS,
+        FeatureCollator,
+        _compile_layers,
+        fuse_lora_forwards,
+        labelled_token_loss,
+    )
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=LANGUAGE_TARGETS, init_lora_weights=False))
+    fuse_lora_forwards(model)
+    _, feature_rows = _rows(tiny_dataset_dir, 4)
+    cached = FeatureCollator(processor, FeatureStore(encoded.features_dir), pad_to_multiple_of=64)(feature_rows)
+
+    def loss_and_gradients():
+        model.zero_grad()
+        total, count = labelled_token_loss(model, dict(cached))
+        (total / count).backward()
+        return float(total / count), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    model.train()
+    eager_loss, eager = loss_and_gradients()
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        assert _compile_layers(model, recompute=recompute, backend="aot_eager")
+        compiled_loss, compiled = loss_and_gradients()
+        print(dict(counters["stats"]), dict(counters["graph_break"]))
+        assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]  # compiled, in one piece
+    finally:
+        torch._dynamo.reset()
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+    assert eager.keys() == compiled.keys() and len(eager) > 0
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_the_trainers_loss_is_the_same_on_both_paths(vlmpipe_home, tiny_model_dir, tiny_dataset_dir, encoded):
     """Through the train job's own trainers (TRL's fused LM head, its normalisation): same batch, same loss."""
     import torch
