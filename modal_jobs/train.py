@@ -117,19 +117,20 @@ def _progress_callback(progress_path: Path):
 # normalised by the accumulated label count, the update) the same while each step does more work.
 FEATURES_MAX_MICRO_BATCH = 16
 # Recompute activations in the backward pass: True, False, or "selective" (`selective_checkpoint_kwargs`: keep
-# matmul and attention outputs, recompute the element-wise work; HF + PEFT backend only; fastest of all in
-# bench/step_breakdown.py's loop, 32.6 samples/s at 10.9 GiB compiled, not yet measured through the trainer).
-# On by default: without it a sample kept ~3 GiB of activations under the
-# trainer (16 x 1 peaked at 53 GiB, 8 x 2 at 35 GiB, against 13 GiB with it) and was no faster, the step being
-# bound by overhead rather than arithmetic.
-FEATURES_GRADIENT_CHECKPOINTING = True
+# the outputs of the narrow matmuls and of attention, recompute the MLP's wide gate/up and the element-wise work).
+# Measured in bench/step_breakdown.py's loop (fused LoRA, padded to 64, 16 a micro-batch, compiled, H100):
+# selective inside the compiled layers 51.6 samples/s at 18.1 GiB, full recomputation inside 42.4 at 12.3,
+# around them 39.6 at 12.3; none at all kept ~3 GiB a sample (16 x 1 peaked at 53 GiB under the trainer).
+FEATURES_GRADIENT_CHECKPOINTING: bool | str = "selective"
 # torch.compile each decoder layer (CUDA only; dynamic shapes): fuses element-wise work and cuts launches.
-# Compiling costs ~2 minutes once per process, and some new batch shapes still recompile (seconds each).
+# Compiling costs ~1-2 minutes once per process; a couple of early batches recompile (duck-sized mask shapes).
 FEATURES_COMPILE = True
-# Where compiled, recompute inside each compiled layer rather than around it (transformers' checkpointing).
+# Where compiled, recompute inside each compiled layer (the compiler sees both passes, the selective policy sees
+# the matmuls) rather than around it with transformers' checkpointing.
 FEATURES_RECOMPUTE_IN_COMPILED = True
-# Batches of similar length pad less, but they change which samples share a batch (not how a batch is scored).
-FEATURES_GROUP_BY_LENGTH = False
+# Batches of similar length pad less (length-sorted: 48.6 vs 42.4 samples/s in the loop); they change which
+# samples share a batch (transformers' length-grouped sampler, random across groups), not how a batch is scored.
+FEATURES_GROUP_BY_LENGTH = True
 # Processes collating batches (chat template, tokenizer, feature reads) while the GPU trains (CUDA only).
 FEATURES_LOADER_WORKERS = 2
 # LoRA layers computed as one matmul-with-add (`fuse_lora_forwards`) instead of PEFT's cast-to-float32, two
@@ -593,7 +594,11 @@ def _compile_layers(model: Any, recompute: bool | str = False, backend: str = "i
     # A machine that cannot compile (no C compiler for Triton's launchers, say) trains eagerly, with a warning,
     # rather than failing at its first step.
     dynamo.suppress_errors = True
-    checkpoint_kwargs = selective_checkpoint_kwargs() if recompute == "selective" else {"use_reentrant": False}
+    # Selective: keep matmul outputs no wider than the hidden size (attention projections, down projection);
+    # recompute the MLP's wide gate/up outputs, which hold most of the memory for under half of the matmul work.
+    hidden_size = getattr(model.config.get_text_config(), "hidden_size", None)
+    checkpoint_kwargs = (selective_checkpoint_kwargs(max_saved_width=hidden_size) if recompute == "selective"
+                         else {"use_reentrant": False})
     for layer in layers:
         if recompute:
             layer.forward = _recomputed(layer.forward, checkpoint_kwargs)
