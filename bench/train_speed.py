@@ -11,8 +11,8 @@ LaTeX_OCR-like, varied lengths, and measures, each in its own process on the sam
     (b) unsloth_pixels Unsloth as the original script uses it: FastVisionModel, UnslothVisionDataCollator, 4 x 4
     (c) ours           our train job as shipped (modal_jobs.train.train) on the cached features of (d)
     (d) encode         our encode stage (modal_jobs.encode.encode_images) over the whole bench set
-    levers             our job with one lever changed at a time (micro-batch, recomputation, compilation, length
-                       grouping)
+    levers             our job with one lever changed at a time (recomputation full or selective, inside or around
+                       the compiled layers, length grouping, PEFT's LoRA forwards, compilation)
 
 Samples/s and tokens/s are sustained rates (the first steps, which warm up kernels and the allocator, are left
 out); peak GiB is torch.cuda.max_memory_allocated; MFU is counted model FLOPs (forward + backward of the frozen
@@ -463,15 +463,17 @@ def child_levers(spec: dict) -> dict:
 
     deadline = spec["deadline"]
     variants = [
-        ("selective recomputation", {"FEATURES_GRADIENT_CHECKPOINTING": "selective"}),
-        ("no recomputation", {"FEATURES_GRADIENT_CHECKPOINTING": False}),
-        ("length-grouped batches", {"FEATURES_GROUP_BY_LENGTH": True}),
-        ("micro-batch 4 x 4", {"FEATURES_MAX_MICRO_BATCH": 4}),
+        ("full recomputation", {"FEATURES_GRADIENT_CHECKPOINTING": True}),
+        ("batches not length-grouped", {"FEATURES_GROUP_BY_LENGTH": False}),
+        ("PEFT's own LoRA forwards", {"FEATURES_FUSED_LORA": False}),
+        ("recomputation around the compiled layers", {"FEATURES_RECOMPUTE_IN_COMPILED": False,
+                                                      "FEATURES_GRADIENT_CHECKPOINTING": True}),
         ("not compiled", {"FEATURES_COMPILE": False}),
     ]
     defaults = {name: getattr(job, name) for name in
                 ("FEATURES_MAX_MICRO_BATCH", "FEATURES_GRADIENT_CHECKPOINTING", "FEATURES_GROUP_BY_LENGTH",
-                 "FEATURES_COMPILE")}
+                 "FEATURES_COMPILE", "FEATURES_FUSED_LORA", "FEATURES_RECOMPUTE_IN_COMPILED",
+                 "FEATURES_PAD_TO_MULTIPLE")}
     out = {}
     for label, overrides in variants:
         if time.time() > deadline - spec["lever_budget_s"]:
