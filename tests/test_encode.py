@@ -269,6 +269,14 @@ def test_fused_lora_forwards_give_the_same_loss_and_gradients(tiny_model_dir, ti
     assert base_loss() == pytest.approx(peft_base_loss, rel=1e-6)
     assert peft_base_loss != pytest.approx(peft_loss, rel=1e-4)  # so the adapters were really in the loss above
 
+    # Under bf16 autocast (how the GPU trains): the same loss as PEFT's forward within bf16 rounding.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused_bf16, _ = loss_and_gradients(cached)
+        for module in model.modules():
+            module.__dict__.pop("forward", None)  # back to PEFT's own forwards
+        peft_bf16, _ = loss_and_gradients(cached)
+    assert fused_bf16 == pytest.approx(peft_bf16, rel=2e-2) and fused_bf16 == pytest.approx(peft_loss, rel=5e-2)
+
 
 @pytest.mark.parametrize("recompute", [True, "selective"])
 def test_recomputing_inside_compiled_layers_gives_the_same_gradients(tiny_model_dir, tiny_dataset_dir, encoded,
