@@ -136,8 +136,8 @@ FEATURES_LOADER_WORKERS = 2
 # LoRA layers computed as one matmul-with-add (`fuse_lora_forwards`) instead of PEFT's cast-to-float32, two
 # matmuls, scale and add: the same arithmetic under autocast, without the element-wise passes over activations.
 FEATURES_FUSED_LORA = True
-# Pad each batch's length up to a multiple of this (None: to its longest row). Fewer distinct shapes for the
-# compiled layers to specialise on; the padding is masked and unlabelled, so the loss is unchanged.
+# Where compiled, pad each batch's length up to a multiple of this (None: to its longest row). Fewer distinct
+# shapes for the compiled layers to specialise on; the padding is masked and unlabelled, so the loss is unchanged.
 FEATURES_PAD_TO_MULTIPLE: int | None = 64
 
 
@@ -636,7 +636,7 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
     train_split = _train_split(request)  # before the model: bad data fails before any weights are loaded
     plan = plan_image_inputs(request)
     features = plan["features_dir"] is not None
-    checkpointing = FEATURES_GRADIENT_CHECKPOINTING or not features
+    checkpointing = FEATURES_GRADIENT_CHECKPOINTING if features else True  # the levers are the cached path's
     # Pixel rows decode every image: do it before loading the weights, so a broken image fails first.
     pixel_rows = None if features else _pixel_rows(request, train_split)
 
@@ -653,6 +653,7 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
             plan = {**plan, "features_dir": None,
                     "reasons": [f"the {backend} backend's processor differs from the one the cache was made with"]}
             features = False
+            checkpointing = True
     if features:
         print(f"image inputs: cached features from {plan['features_dir']}", file=sys.stderr)
     else:
@@ -709,7 +710,8 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
         tokenizer = processor.tokenizer if group_by_length else None
         rows = _feature_rows(request, train_split, tokenizer)
         collator = FeatureCollator(processor, FeatureStore(plan["features_dir"]), max_length=args.max_length,
-                                   completion_only_loss=True, pad_to_multiple_of=FEATURES_PAD_TO_MULTIPLE)
+                                   completion_only_loss=True,
+                                   pad_to_multiple_of=FEATURES_PAD_TO_MULTIPLE if compile_layers else None)
         trainer_class, collator_args = _with_image_features(SFTTrainer), {"data_collator": collator}
     else:
         rows = pixel_rows if pixel_rows is not None else _pixel_rows(request, train_split)
@@ -741,7 +743,7 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
         "compiled_layers": compiled,
         "recompute_in_compiled_layers": recompute_in_compiled,
         "fused_lora_layers": fused_lora or 0,
-        "pad_to_multiple_of": FEATURES_PAD_TO_MULTIPLE if features else None,
+        "pad_to_multiple_of": FEATURES_PAD_TO_MULTIPLE if compile_layers else None,
     }
     return TrainerSetup(trainer, processor, rows, backend, image_inputs)
 
