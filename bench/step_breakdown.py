@@ -7,10 +7,11 @@ the rendered data and the feature cache under W):
 
 Each variant runs forward + backward on real collated batches (our FeatureCollator over the bench set, so real
 answer lengths and padding) under bf16 autocast, WARMUP steps then TIMED steps, and records samples/s, tokens/s
-and peak GiB. Variants: TRL SFTTrainer's loss (its fused LM head), with and without recomputation; the train
-job's labelled-token loss (modal_jobs.train.labelled_token_loss) with full, selective or no recomputation;
-length-sorted batches; Gemma 3's bidirectional image mask vs plain causal; torch.compile'd decoder layers. Then
-a torch.profiler table of the top kernels of one step, and the vision tower under each attention backend.
+and peak GiB. `--set v1`: TRL SFTTrainer's loss (its fused LM head) vs the train job's labelled-token loss, full,
+selective or no recomputation, length-sorted batches, Gemma 3's bidirectional image mask vs plain causal, compiled
+layers. `--set v2`: PEFT's LoRA forwards vs the fused ones, lengths padded to 64, compiled, micro-batch sizes.
+`--set v3` (default): recomputation around vs inside the compiled layers, full or selective. Profiled steps give a
+torch.profiler kernel table and the GPU's kernel time; then the vision tower under each attention backend.
 Results: OUT/step_breakdown.json (rewritten after each variant, so a cut-short run still reports).
 """
 
