@@ -3,6 +3,7 @@ adapter; a cache made from other vision weights, another processor config or oth
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 
@@ -177,38 +178,48 @@ def test_labelled_token_loss_is_the_models_own_loss_in_any_chunking(tiny_model_d
         torch.testing.assert_close(model.lm_head.weight.grad, reference_grad, rtol=1e-4, atol=1e-6)
 
 
-def test_selective_recomputation_gives_the_same_gradients(tiny_model_dir, tiny_dataset_dir, encoded):
-    """The "selective" recomputation lever changes what the backward keeps, never what it computes."""
+def _tiny_lora_model(tiny_model_dir):
+    """(the tiny model in float32 with random, non-zero LoRA adapters on its language layers, its processor)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from modal_jobs.encode import FeatureStore
-    from modal_jobs.train import (
-        LANGUAGE_TARGETS,
-        FeatureCollator,
-        labelled_token_loss,
-        selective_checkpoint_kwargs,
-    )
+    from modal_jobs.train import LANGUAGE_TARGETS
 
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
     base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, target_modules=LANGUAGE_TARGETS, init_lora_weights=False))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=LANGUAGE_TARGETS,
+                                            init_lora_weights=False))
+    return model, AutoProcessor.from_pretrained(tiny_model_dir)
+
+
+def _loss_and_lora_gradients(model, batch):
+    """(the train job's loss on a batch of cached features, each adapter weight's gradient from it)."""
+    from modal_jobs.train import labelled_token_loss
+
+    model.zero_grad()
+    total, count = labelled_token_loss(model, dict(batch))
+    loss = total / count
+    loss.backward()
+    return float(loss), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_selective_recomputation_gives_the_same_gradients(tiny_model_dir, tiny_dataset_dir, encoded):
+    """The "selective" recomputation lever changes what the backward keeps, never what it computes."""
+    import torch
+
+    from modal_jobs.encode import FeatureStore
+    from modal_jobs.train import FeatureCollator, selective_checkpoint_kwargs
+
+    model, processor = _tiny_lora_model(tiny_model_dir)
     _, feature_rows = _rows(tiny_dataset_dir, 4)
     cached = FeatureCollator(processor, FeatureStore(encoded.features_dir))(feature_rows)
 
-    def lora_gradients():
-        model.zero_grad()
-        total, count = labelled_token_loss(model, dict(cached))
-        (total / count).backward()
-        return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-
     model.train()
-    plain = lora_gradients()
+    _, plain = _loss_and_lora_gradients(model, cached)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=selective_checkpoint_kwargs())
     assert model.base_model.model.model.language_model.gradient_checkpointing
-    selective = lora_gradients()
+    _, selective = _loss_and_lora_gradients(model, cached)
     assert plain.keys() == selective.keys() and len(plain) > 0
     for name in plain:
         torch.testing.assert_close(selective[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
@@ -218,35 +229,22 @@ def test_fused_lora_forwards_give_the_same_loss_and_gradients(tiny_model_dir, ti
     """The fused LoRA forward (one matmul-with-add) computes what PEFT's does: same loss, same adapter gradients;
     and padding a batch to a multiple of 64 changes neither."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from modal_jobs.encode import FeatureStore
     from modal_jobs.train import (
-        LANGUAGE_TARGETS,
         FeatureCollator,
         fuse_lora_forwards,
         labelled_token_loss,
     )
 
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
-    torch.manual_seed(0)
-    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=LANGUAGE_TARGETS,
-                                            init_lora_weights=False))
+    model, processor = _tiny_lora_model(tiny_model_dir)
     _, feature_rows = _rows(tiny_dataset_dir, 4)
     store = FeatureStore(encoded.features_dir)
     cached = FeatureCollator(processor, store)(feature_rows)
     padded = FeatureCollator(processor, store, pad_to_multiple_of=64)(feature_rows)
     assert padded["input_ids"].shape[1] % 64 == 0 and padded["input_ids"].shape[1] > cached["input_ids"].shape[1]
     assert padded["attention_mask"][:, cached["input_ids"].shape[1]:].sum() == 0
-
-    def loss_and_gradients(batch):
-        model.zero_grad()
-        total, count = labelled_token_loss(model, dict(batch))
-        loss = total / count
-        loss.backward()
-        return float(loss), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    loss_and_gradients = functools.partial(_loss_and_lora_gradients, model)
 
     def base_loss():  # adapters switched off: PEFT's own forward, the base model's loss
         with model.disable_adapter(), torch.no_grad():
@@ -284,42 +282,23 @@ def test_recomputing_inside_compiled_layers_gives_the_same_gradients(tiny_model_
     """Layers compiled with their recomputation inside (here with the aot_eager backend, which traces and
     partitions as inductor does but needs no C compiler) give the gradients of the plain eager model."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from torch._dynamo.utils import counters
 
     from modal_jobs.encode import FeatureStore
-    from modal_jobs.train import (
-        LANGUAGE_TARGETS,
-        FeatureCollator,
-        _compile_layers,
-        fuse_lora_forwards,
-        labelled_token_loss,
-    )
+    from modal_jobs.train import FeatureCollator, _compile_layers, fuse_lora_forwards
 
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
-    torch.manual_seed(0)
-    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, target_modules=LANGUAGE_TARGETS, init_lora_weights=False))
+    model, processor = _tiny_lora_model(tiny_model_dir)
     fuse_lora_forwards(model)
     _, feature_rows = _rows(tiny_dataset_dir, 4)
     cached = FeatureCollator(processor, FeatureStore(encoded.features_dir), pad_to_multiple_of=64)(feature_rows)
 
-    def loss_and_gradients():
-        model.zero_grad()
-        total, count = labelled_token_loss(model, dict(cached))
-        (total / count).backward()
-        return float(total / count), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-
     model.train()
-    eager_loss, eager = loss_and_gradients()
-    from torch._dynamo.utils import counters
-
+    eager_loss, eager = _loss_and_lora_gradients(model, cached)
     torch._dynamo.reset()
     counters.clear()
     try:
         assert _compile_layers(model, recompute=recompute, backend="aot_eager")
-        compiled_loss, compiled = loss_and_gradients()
-        print(dict(counters["stats"]), dict(counters["graph_break"]))
+        compiled_loss, compiled = _loss_and_lora_gradients(model, cached)
         assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]  # compiled, in one piece
     finally:
         torch._dynamo.reset()
