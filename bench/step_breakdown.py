@@ -204,17 +204,20 @@ def main() -> None:
     def ours_causal(batch):  # without token_type_ids, Gemma 3 attends causally over the image too
         return ours({name: value for name, value in batch.items() if name != "token_type_ids"})
 
+    def timed_with_compile(name, loss_fn, micro, order, checkpointing):
+        """A variant whose first steps compile: two more steps than usual, and the wall time with compiling."""
+        t0 = time.time()
+        run(name, loss_fn, micro, order, checkpointing, count=WARMUP + 2 + TIMED)
+        report["variants"].get(name, {})["wall_incl_compile_s"] = round(time.time() - t0, 1)
+
     big = 16 if on_gpu else 4
     small = 4 if on_gpu else 2
     if args.set == "v1":
         _first_levers(run, trl_loss, ours, ours_causal, big, small, order_random, order_sorted, on_gpu)
         profile_step("no recompute, 4, sorted", ours, small, order_sorted, False)
         if "compile" not in skip and on_gpu and time.time() < deadline - 150:
-            t0 = time.time()
             compile_layers()
-            run("ours_nockpt_mb4_sorted_compiled", ours, small, order_sorted, False, count=WARMUP + 2 + TIMED)
-            report["variants"].get("ours_nockpt_mb4_sorted_compiled", {})["wall_incl_compile_s"] = round(
-                time.time() - t0, 1)
+            timed_with_compile("ours_nockpt_mb4_sorted_compiled", ours, small, order_sorted, False)
             run("ours_nockpt_mb6_sorted_compiled", ours, 6, order_sorted, False)
             run("ours_selective_mb16_sorted_compiled", ours, big, order_sorted, "selective")
     elif args.set == "v3":
@@ -233,24 +236,19 @@ def main() -> None:
             job.selective_checkpoint_kwargs = functools.partial(selective, max_saved_width=max_saved_width)
             job._compile_layers(model, recompute=recompute)
 
-        def timed_with_compile(name, micro, order, checkpointing):
-            t0 = time.time()
-            run(name, ours, micro, order, checkpointing, count=WARMUP + 2 + TIMED)
-            report["variants"].get(name, {})["wall_incl_compile_s"] = round(time.time() - t0, 1)
-
         if on_gpu and "compile" not in skip:
             compiled(False)
-            timed_with_compile("around_ckpt_mb16", big, order_random, True)
+            timed_with_compile("around_ckpt_mb16", ours, big, order_random, True)
             compiled(True)
-            timed_with_compile("inside_ckpt_mb16", big, order_random, False)
+            timed_with_compile("inside_ckpt_mb16", ours, big, order_random, False)
             run("inside_ckpt_mb16_sorted", ours, big, order_sorted, False)
             run("inside_ckpt_mb32", ours, 32, order_random, False)
             compiled("selective", max_saved_width=2560)
-            timed_with_compile("inside_selective_narrow_mb16", big, order_random, False)
+            timed_with_compile("inside_selective_narrow_mb16", ours, big, order_random, False)
             run("inside_selective_narrow_mb16_sorted", ours, big, order_sorted, False)
             profile_step("inside, selective narrow, 16", ours, big, order_random, False)
             compiled("selective")
-            timed_with_compile("inside_selective_mb16", big, order_random, False)
+            timed_with_compile("inside_selective_mb16", ours, big, order_random, False)
             run("inside_selective_mb16_sorted", ours, big, order_sorted, False)
             profile_step("inside, selective, 16", ours, big, order_random, False)
             job.selective_checkpoint_kwargs = selective
@@ -276,11 +274,8 @@ def main() -> None:
         run("fused_pad64_ckpt_mb16", ours, big, order_random, True)
         run("fused_pad64_ckpt_mb32", ours, huge, order_random, True)
         if "compile" not in skip and on_gpu and time.time() < deadline - 150:
-            t0 = time.time()
             compile_layers()
-            run("fused_pad64_ckpt_mb16_compiled", ours, big, order_random, True, count=WARMUP + 2 + TIMED)
-            report["variants"].get("fused_pad64_ckpt_mb16_compiled", {})["wall_incl_compile_s"] = round(
-                time.time() - t0, 1)
+            timed_with_compile("fused_pad64_ckpt_mb16_compiled", ours, big, order_random, True)
             run("fused_pad64_selective_mb16_compiled", ours, big, order_random, "selective")
             run("fused_pad64_ckpt_mb32_compiled", ours, huge, order_random, True)
             run("fused_pad64_selective_mb32_compiled", ours, huge, order_random, "selective")
@@ -291,10 +286,7 @@ def main() -> None:
             run("fused_ckpt_mb16_compiled", ours, big, order_random, True)
             peft_forwards()
             torch._dynamo.reset()  # compile PEFT's forwards afresh, as the job did
-            t0 = time.time()
-            run("peft_ckpt_mb16_compiled", ours, big, order_random, True, count=WARMUP + 2 + TIMED)
-            report["variants"].get("peft_ckpt_mb16_compiled", {})["wall_incl_compile_s"] = round(
-                time.time() - t0, 1)
+            timed_with_compile("peft_ckpt_mb16_compiled", ours, big, order_random, True)
         save()
 
     trainer = setup = model = None  # free the GPU for the vision measurements
