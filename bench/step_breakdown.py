@@ -10,7 +10,8 @@ answer lengths and padding) under bf16 autocast, WARMUP steps then TIMED steps, 
 and peak GiB. `--set v1`: TRL SFTTrainer's loss (its fused LM head) vs the train job's labelled-token loss, full,
 selective or no recomputation, length-sorted batches, Gemma 3's bidirectional image mask vs plain causal, compiled
 layers. `--set v2`: PEFT's LoRA forwards vs the fused ones, lengths padded to 64, compiled, micro-batch sizes.
-`--set v3` (default): recomputation around vs inside the compiled layers, full or selective. Profiled steps give a
+`--set v3`: recomputation around vs inside the compiled layers, full or selective. `--set v4` (default): padded vs
+packed rows under FlexAttention, and what the optimizer step adds. Profiled steps give a
 torch.profiler kernel table and the GPU's kernel time; then the vision tower under each attention backend.
 Results: OUT/step_breakdown.json (rewritten after each variant, so a cut-short run still reports).
 """
@@ -43,10 +44,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--budget-s", type=float, default=400)
     parser.add_argument("--skip", default="", help="comma-separated variant names to skip")
-    parser.add_argument("--set", choices=("v1", "v2", "v3"), default="v3",
+    parser.add_argument("--set", choices=("v1", "v2", "v3", "v4"), default="v4",
                         help="v1: the first session's levers (loss, recomputation, sorting, mask); "
                              "v2: fused LoRA forwards, bucketed lengths, compiled micro-batch sizes; "
-                             "v3: recomputation around or inside the compiled layers, full or selective")
+                             "v3: recomputation around or inside the compiled layers, full or selective; "
+                             "v4: padded vs packed rows (FlexAttention), and the optimizer's share of a step")
     args = parser.parse_args()
     started = time.time()
     deadline = started + args.budget_s
@@ -115,7 +117,8 @@ def main() -> None:
     def trl_loss(batch):
         return trainer.compute_loss(model, dict(batch))
 
-    def run(name: str, loss_fn, micro: int, order: list[int], checkpointing: bool, count=WARMUP + TIMED):
+    def run(name: str, loss_fn, micro: int, order: list[int], checkpointing: bool, count=WARMUP + TIMED,
+            after_backward=None):
         if name in skip:
             return
         if time.time() > deadline - 30:
@@ -135,11 +138,13 @@ def main() -> None:
                 with autocast:
                     loss = loss_fn(batch)
                 loss.backward()
+                if after_backward is not None:
+                    after_backward()
                 _sync()
                 times.append(time.time() - t0)
                 losses.append(float(loss))
                 if step >= WARMUP:
-                    tokens += int(batch["attention_mask"].numel())
+                    tokens += int(batch["input_ids"].numel())
                 model.zero_grad(set_to_none=True)
             timed = times[WARMUP:]
             report["variants"][name] = {
@@ -204,10 +209,10 @@ def main() -> None:
     def ours_causal(batch):  # without token_type_ids, Gemma 3 attends causally over the image too
         return ours({name: value for name, value in batch.items() if name != "token_type_ids"})
 
-    def timed_with_compile(name, loss_fn, micro, order, checkpointing):
+    def timed_with_compile(name, loss_fn, micro, order, checkpointing, after_backward=None):
         """A variant whose first steps compile: two more steps than usual, and the wall time with compiling."""
         t0 = time.time()
-        run(name, loss_fn, micro, order, checkpointing, count=WARMUP + 2 + TIMED)
+        run(name, loss_fn, micro, order, checkpointing, count=WARMUP + 2 + TIMED, after_backward=after_backward)
         report["variants"].get(name, {})["wall_incl_compile_s"] = round(time.time() - t0, 1)
 
     big = 16 if on_gpu else 4
@@ -220,6 +225,37 @@ def main() -> None:
             timed_with_compile("ours_nockpt_mb4_sorted_compiled", ours, small, order_sorted, False)
             run("ours_nockpt_mb6_sorted_compiled", ours, 6, order_sorted, False)
             run("ours_selective_mb16_sorted_compiled", ours, big, order_sorted, "selective")
+    elif args.set == "v4":
+        # v4: the job as shipped before packing (fused, padded to 64, selective inside compiled layers, 16) vs
+        # packed rows under FlexAttention; then what the trainer adds to a step (fused AdamW, clipping).
+        import modal_jobs.train as job
+
+        layers = model.get_base_model().model.language_model.layers
+
+        def compiled(pack: bool):
+            torch._dynamo.reset()
+            for layer in layers:
+                layer.__dict__.pop("forward", None)
+            collator.pad_to_multiple_of, collator.pack = 64, pack
+            model.set_attn_implementation("flex_attention" if pack else "sdpa")
+            job._compile_layers(model, recompute="selective")
+
+        lora = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(lora, lr=2e-4, fused=on_gpu)
+
+        def optimizer_step():
+            torch.nn.utils.clip_grad_norm_(lora, 0.3)
+            optimizer.step()
+
+        if on_gpu and "compile" not in skip:
+            compiled(False)
+            timed_with_compile("padded64_selective_mb16", ours, big, order_random, False)
+            run("padded64_selective_mb16_sorted", ours, big, order_sorted, False)
+            compiled(True)
+            timed_with_compile("packed_flex_selective_mb16", ours, big, order_random, False)
+            run("packed_flex_selective_mb16_optimizer", ours, big, order_random, False, after_backward=optimizer_step)
+            profile_step("packed, flex, selective, 16", ours, big, order_random, False)
+        save()
     elif args.set == "v3":
         # v3: where recomputation happens with compiled layers (fused LoRA forwards, lengths padded to 64, 16).
         import functools
@@ -348,12 +384,17 @@ def vision_backends(model_dir: str) -> dict:
     # "no_autocast": bf16 weights throughout (layer norms in bf16 too): what it would gain, and the difference.
     for name, backend, autocast in (("default", None, True), ("flash", SDPBackend.FLASH_ATTENTION, True),
                                     ("cudnn", SDPBackend.CUDNN_ATTENTION, True),
-                                    ("efficient", SDPBackend.EFFICIENT_ATTENTION, True), ("no_autocast", None, False)):
+                                    ("efficient", SDPBackend.EFFICIENT_ATTENTION, True), ("no_autocast", None, False),
+                                    ("compiled", None, True)):
         try:
             kernel = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
+            if name == "compiled":
+                backbone.vision_tower.compile()
+                backbone.multi_modal_projector.compile()
+            t0 = time.time()
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast), kernel:
                 rate, features = _timed_features(backbone, pixels)
-            entry = {"images_per_s": rate}
+            entry = {"images_per_s": rate, "wall_s": round(time.time() - t0, 1)}
             if reference is None:
                 reference = features.float()
             else:

@@ -141,6 +141,12 @@ FEATURES_FUSED_LORA = True
 # Where compiled, pad each batch's length up to a multiple of this (None: to its longest row). Fewer distinct
 # shapes for the compiled layers to specialise on; the padding is masked and unlabelled, so the loss is unchanged.
 FEATURES_PAD_TO_MULTIPLE: int | None = 64
+# Where compiled, a batch's rows go end to end in one row of their real tokens (`FeatureCollator(pack=True)`)
+# instead of each padded to the batch's longest: with LaTeX_OCR-like lengths about a fifth of a padded batch of 16
+# was padding, which every matmul paid for. The same rows make up the same batch, each attending only to itself
+# (FlexAttention over a block mask built from the rows' positions, skipping the blocks between rows), so the loss
+# and gradients are those of the padded batch (tests/test_encode.py).
+FEATURES_PACK_SEQUENCES = True
 
 
 def selective_checkpoint_kwargs(max_saved_width: int | None = None) -> dict[str, Any]:
@@ -159,6 +165,8 @@ def selective_checkpoint_kwargs(max_saved_width: int | None = None) -> dict[str,
 
     aten = torch.ops.aten
     keep = {aten.mm.default, aten.addmm.default, aten.bmm.default}
+    if hasattr(torch.ops.higher_order, "flex_attention"):  # packed batches' attention
+        keep.add(torch.ops.higher_order.flex_attention)
     for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
                  "_scaled_dot_product_cudnn_attention", "_flash_attention_forward", "_efficient_attention_forward"):
         if hasattr(aten, name):
@@ -244,7 +252,7 @@ class FeatureCollator:
     """
 
     def __init__(self, processor: Any, store: Any, max_length: int | None = None, completion_only_loss: bool = True,
-                 pad_to_multiple_of: int | None = None):
+                 pad_to_multiple_of: int | None = None, pack: bool = False):
         from PIL import Image
 
         self.processor = processor
@@ -252,6 +260,7 @@ class FeatureCollator:
         self.max_length = max_length
         self.completion_only_loss = completion_only_loss
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.pack = pack
         self._stand_in = Image.new("RGB", (32, 32), "white")
         self._prompts: dict[str, dict[str, list[int]]] = {}
 
@@ -319,6 +328,9 @@ class FeatureCollator:
         labels[attention_mask == 0] = -100
         if self.completion_only_loss:
             labels[completion_mask == 0] = -100
+        features = self.store.get([int(example["feature_index"]) for example in examples])
+        if self.pack:
+            return {**self._packed(input_ids, attention_mask, labels, extra, pad_id), "image_features": features}
         if self.pad_to_multiple_of:
             # Right padding past every row's end: masked, unlabelled, so no row's loss or gradient changes.
             width = input_ids.shape[1]
@@ -332,13 +344,34 @@ class FeatureCollator:
             input_ids, attention_mask, labels = padded.pop("input_ids"), padded.pop("attention_mask"), padded.pop(
                 "labels")
             extra = padded
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
-            **extra,
-            "image_features": self.store.get([int(example["feature_index"]) for example in examples]),
-        }
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **extra,
+                "image_features": features}
+
+    def _packed(self, input_ids, attention_mask, labels, extra, pad_id) -> dict[str, Any]:
+        """The batch's rows end to end in one row of their real tokens, without padding between them.
+
+        Each row keeps its own positions (0, 1, ...), so the model sees where one row ends and the next begins
+        (transformers' packed-sequence masks: no token attends across rows); each row's first label is dropped
+        (the previous row's last token must not learn to predict it). The row is padded at its end, by a dummy
+        row of masked, unlabelled tokens, to a multiple of `pad_to_multiple_of` (fewer shapes to compile for).
+        With no attention_mask the model takes its masks from position_ids."""
+        import torch
+
+        real = attention_mask.bool()  # flush-left: each row's real tokens come first, and row-major order keeps them
+        lengths = real.sum(dim=1)
+        positions = torch.cat([torch.arange(int(length)) for length in lengths])
+        labels = labels.clone()
+        labels[:, 0] = -100
+        packed = {"input_ids": input_ids[real], "labels": labels[real], "position_ids": positions,
+                  **{name: tensor[real] for name, tensor in extra.items()}}
+        total = positions.numel()
+        target = -(-total // self.pad_to_multiple_of) * self.pad_to_multiple_of if self.pad_to_multiple_of else total
+        if target > total:
+            fill = {"input_ids": pad_id, "labels": -100}
+            packed = {name: torch.cat((tensor, torch.full((target - total,), fill.get(name, 0), dtype=tensor.dtype)))
+                      for name, tensor in packed.items()}
+            packed["position_ids"][total:] = torch.arange(target - total)
+        return {name: tensor.unsqueeze(0) for name, tensor in packed.items()}
 
 
 def _image_token_id(config: Any) -> int:
@@ -670,6 +703,7 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
     recompute_in_compiled = bool(compile_layers and FEATURES_RECOMPUTE_IN_COMPILED and checkpointing)
     micro_batch, accumulation = _micro_batch(train_cfg, features)
     group_by_length = features and FEATURES_GROUP_BY_LENGTH
+    pack = bool(compile_layers and FEATURES_PACK_SEQUENCES)
     extra_args: dict[str, Any] = {}
     if features:
         # The rows are already what the collator wants; TRL must not tokenize them itself.
@@ -713,7 +747,8 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
         rows = _feature_rows(request, train_split, tokenizer)
         collator = FeatureCollator(processor, FeatureStore(plan["features_dir"]), max_length=args.max_length,
                                    completion_only_loss=True,
-                                   pad_to_multiple_of=FEATURES_PAD_TO_MULTIPLE if compile_layers else None)
+                                   pad_to_multiple_of=FEATURES_PAD_TO_MULTIPLE if compile_layers else None,
+                                   pack=pack)
         trainer_class, collator_args = _with_image_features(SFTTrainer), {"data_collator": collator}
     else:
         rows = pixel_rows if pixel_rows is not None else _pixel_rows(request, train_split)
@@ -731,6 +766,10 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
         # On the model rather than through the arguments: the policy is a function, which the arguments (saved
         # with every checkpoint) could not hold.
         trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=selective_checkpoint_kwargs())
+    if pack:
+        # Packed rows need a mask that keeps them apart; FlexAttention computes only its non-empty blocks (SDPA
+        # would get a dense [tokens, tokens] mask over the whole batch).
+        trainer.model.set_attn_implementation("flex_attention")
     # Unsloth has its own LoRA forwards and compiles (or not) by its own settings; not ours to redo.
     fused_lora = features and backend == "trl" and FEATURES_FUSED_LORA and fuse_lora_forwards(trainer.model)
     compiled = compile_layers and _compile_layers(trainer.model, checkpointing if recompute_in_compiled else False)
@@ -746,6 +785,7 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
         "recompute_in_compiled_layers": recompute_in_compiled,
         "fused_lora_layers": fused_lora or 0,
         "pad_to_multiple_of": FEATURES_PAD_TO_MULTIPLE if compile_layers else None,
+        "packed_sequences": pack,
     }
     return TrainerSetup(trainer, processor, rows, backend, image_inputs)
 

@@ -276,6 +276,46 @@ def test_fused_lora_forwards_give_the_same_loss_and_gradients(tiny_model_dir, ti
     assert fused_bf16 == pytest.approx(peft_bf16, rel=2e-2) and fused_bf16 == pytest.approx(peft_loss, rel=5e-2)
 
 
+def test_packed_rows_give_the_padded_batchs_loss_and_gradients(tiny_model_dir, tiny_dataset_dir, encoded):
+    """A batch's rows packed end to end (each with its own positions, so transformers masks them apart) give the
+    padded batch's loss and adapter gradients; FlexAttention, which the GPU uses on packed rows, the same loss."""
+    import torch
+
+    from modal_jobs.encode import FeatureStore
+    from modal_jobs.train import FeatureCollator, labelled_token_loss
+
+    model, processor = _tiny_lora_model(tiny_model_dir)
+    _, feature_rows = _rows(tiny_dataset_dir, 5)
+    store = FeatureStore(encoded.features_dir)
+    padded = FeatureCollator(processor, store)(feature_rows)
+    packed = FeatureCollator(processor, store, pack=True, pad_to_multiple_of=64)(feature_rows)
+    lengths = padded["attention_mask"].sum(dim=1)
+    assert "attention_mask" not in packed and packed["input_ids"].shape[0] == 1
+    assert packed["input_ids"].shape[1] % 64 == 0 and packed["input_ids"].shape[1] - 64 < int(lengths.sum())
+    starts = (packed["position_ids"][0] == 0).nonzero().flatten().tolist()
+    assert starts[: len(lengths)] == [0, *lengths.cumsum(0)[:-1].tolist()]  # each row restarts at position 0
+    assert int((packed["labels"] != -100).sum()) == int((padded["labels"] != -100).sum()) > 0
+    assert torch.equal(packed["input_ids"][0, : int(lengths.sum())], padded["input_ids"][padded["attention_mask"].bool()])
+
+    model.train()
+    padded_loss, padded_grads = _loss_and_lora_gradients(model, padded)
+    packed_loss, packed_grads = _loss_and_lora_gradients(model, packed)
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-5)
+    for name in padded_grads:
+        torch.testing.assert_close(packed_grads[name], padded_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    # Rows that could see each other would change the loss: the same tokens as one sequence do.
+    as_one = {name: value for name, value in packed.items() if name != "position_ids"}
+    joined_loss, _ = _loss_and_lora_gradients(model, as_one)
+    assert joined_loss != pytest.approx(padded_loss, rel=1e-3)
+
+    if shutil.which("cc") is None:  # FlexAttention on a CPU compiles a C++ kernel (its backward needs a GPU)
+        pytest.skip("no C compiler for FlexAttention's CPU kernel")
+    model.set_attn_implementation("flex_attention")
+    with torch.no_grad():
+        total, count = labelled_token_loss(model, dict(packed))
+    assert float(total / count) == pytest.approx(padded_loss, rel=1e-5)
+
+
 @pytest.mark.parametrize("recompute", [True, "selective"])
 def test_recomputing_inside_compiled_layers_gives_the_same_gradients(tiny_model_dir, tiny_dataset_dir, encoded,
                                                                      recompute):
