@@ -641,6 +641,14 @@ def _compile_layers(model: Any, recompute: bool | str = False, backend: str = "i
     return True
 
 
+def keep_compiled_kernels() -> str:
+    """Point torch.compile's on-disk caches (inductor's graphs and autograd's, Triton's kernels) at the storage
+    root, so the next training process on the same software and GPU (a retrain, a retried task, the next point of
+    a sweep) loads its kernels instead of spending minutes compiling them again. The caches key their entries by
+    graph, torch version and device, so nothing stale is loaded. An explicit TORCHINDUCTOR_CACHE_DIR wins."""
+    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(resolve("cache/torch-compile")))
+
+
 class TrainerSetup:
     """A built trainer and how it was built (what `train` runs; the benchmark and the tests use it too)."""
 
@@ -772,6 +780,8 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
         trainer.model.set_attn_implementation("flex_attention")
     # Unsloth has its own LoRA forwards and compiles (or not) by its own settings; not ours to redo.
     fused_lora = features and backend == "trl" and FEATURES_FUSED_LORA and fuse_lora_forwards(trainer.model)
+    if compile_layers:
+        keep_compiled_kernels()
     compiled = compile_layers and _compile_layers(trainer.model, checkpointing if recompute_in_compiled else False)
     image_inputs = {
         "path": "features" if features else "pixels",
@@ -786,6 +796,7 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
         "fused_lora_layers": fused_lora or 0,
         "pad_to_multiple_of": FEATURES_PAD_TO_MULTIPLE if compile_layers else None,
         "packed_sequences": pack,
+        "compile_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR") if compiled else None,
     }
     return TrainerSetup(trainer, processor, rows, backend, image_inputs)
 
