@@ -44,11 +44,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--budget-s", type=float, default=400)
     parser.add_argument("--skip", default="", help="comma-separated variant names to skip")
-    parser.add_argument("--set", choices=("v1", "v2", "v3", "v4"), default="v4",
+    parser.add_argument("--set", choices=("v1", "v2", "v3", "v4", "vision"), default="v4",
                         help="v1: the first session's levers (loss, recomputation, sorting, mask); "
                              "v2: fused LoRA forwards, bucketed lengths, compiled micro-batch sizes; "
                              "v3: recomputation around or inside the compiled layers, full or selective; "
-                             "v4: padded vs packed rows (FlexAttention), and the optimizer's share of a step")
+                             "v4: padded vs packed rows (FlexAttention), and the optimizer's share of a step; "
+                             "vision: only the vision tower under each attention backend, and compiled")
     args = parser.parse_args()
     started = time.time()
     deadline = started + args.budget_s
@@ -256,6 +257,8 @@ def main() -> None:
             run("packed_flex_selective_mb16_optimizer", ours, big, order_random, False, after_backward=optimizer_step)
             profile_step("packed, flex, selective, 16", ours, big, order_random, False)
         save()
+    elif args.set == "vision":
+        pass  # only the vision tower's measurements below
     elif args.set == "v3":
         # v3: where recomputation happens with compiled layers (fused LoRA forwards, lengths padded to 64, 16).
         import functools

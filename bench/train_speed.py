@@ -279,12 +279,11 @@ def _reset_peak() -> None:
 
 
 def _sustained(times: list[tuple[int, float]], samples_per_step: int) -> dict[str, Any]:
-    """Samples/s between the end of step WARMUP_STEPS and the last step."""
+    """Samples/s from the first logged step after WARMUP_STEPS to the last step."""
     times = sorted(times)
-    if len(times) <= WARMUP_STEPS + 1:
+    times_used = [entry for entry in times if entry[0] > WARMUP_STEPS]
+    if len(times_used) < 2:
         times_used = times
-    else:
-        times_used = times[WARMUP_STEPS:]
     if len(times_used) < 2:
         return {"samples_per_s": None, "steps_timed": len(times_used)}
     (s0, t0), (s1, t1) = times_used[0], times_used[-1]
@@ -301,7 +300,10 @@ def _train_request(spec: dict, name: str, features_dir: str | None, backend: str
     from modal_jobs.prompts import DEFAULT_INSTRUCTION
     from modal_jobs.schemas import TrainRequest
 
-    train = TrainConfig(backend=backend, max_steps=max_steps, logging_steps=1, save_steps=10**6,
+    # The cached path logs as shipped (every 10 steps: each log waits for the GPU, which a step of ~0.3 s feels);
+    # the pixel paths' steps are seconds long, so logging each one costs them nothing.
+    logging = min(TrainConfig.model_fields["logging_steps"].default, max(1, max_steps // 4)) if features_dir else 1
+    train = TrainConfig(backend=backend, max_steps=max_steps, logging_steps=logging, save_steps=10**6,
                         **spec.get("train_overrides", {}))
     model = ModelConfig(source=spec["model_dir"], **spec.get("model_overrides", {}))
     return TrainRequest(train=train, model=model, dataset_dir=spec["dataset_dir"], model_dir=spec["model_dir"],
@@ -309,7 +311,57 @@ def _train_request(spec: dict, name: str, features_dir: str | None, backend: str
                         features_dir=features_dir)
 
 
-def _run_train_job(spec: dict, name: str, features_dir: str | None, backend: str, max_steps: int) -> dict:
+def _profile_trainer_steps(out: Path, first: int, count: int = 3):
+    """Wrap modal_jobs.train.build_trainer so the trainer it builds profiles steps [first, first + count): a
+    kernel table, and how busy the GPU was over those steps (kernel time / wall time)."""
+    import modal_jobs.train as job
+
+    build = job.build_trainer
+
+    def build_and_profile(request):
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+        from transformers import TrainerCallback
+
+        setup = build(request)
+        state: dict[str, Any] = {}
+        on_gpu = torch.cuda.is_available()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+        sort_key = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+
+        def _sync():
+            if on_gpu:
+                torch.cuda.synchronize()
+
+        class Profiler(TrainerCallback):
+            def on_step_begin(self, args, trainer_state, control, **kwargs):
+                if trainer_state.global_step == first:
+                    _sync()
+                    state["profile"] = profile(activities=activities)
+                    state["profile"].__enter__()
+                    state["t0"] = time.time()
+
+            def on_step_end(self, args, trainer_state, control, **kwargs):
+                if trainer_state.global_step == first + count and "profile" in state:
+                    _sync()
+                    wall = time.time() - state["t0"]
+                    prof = state.pop("profile")
+                    prof.__exit__(None, None, None)
+                    averages = prof.key_averages()
+                    gpu_s = sum(getattr(event, "self_device_time_total", 0) for event in averages) / 1e6
+                    table = averages.table(sort_by=sort_key, row_limit=40, max_name_column_width=70)
+                    (out / "trainer_profile.txt").write_text(
+                        f"steps {first}-{first + count - 1}: wall {wall:.3f} s, GPU kernels {gpu_s:.3f} s "
+                        f"(busy {gpu_s / wall:.0%})\n{table}")
+
+        setup.trainer.add_callback(Profiler())
+        return setup
+
+    job.build_trainer = build_and_profile
+
+
+def _run_train_job(spec: dict, name: str, features_dir: str | None, backend: str, max_steps: int,
+                   timed_until: int | None = None) -> dict:
     from modal_jobs.storage import read_manifest, resolve
     from modal_jobs.train import train
 
@@ -324,7 +376,9 @@ def _run_train_job(spec: dict, name: str, features_dir: str | None, backend: str
     step_samples = inputs["micro_batch"] * inputs["gradient_accumulation_steps"]
     return {
         "backend": result.backend, "image_inputs": inputs, "steps": result.global_step,
-        "samples_per_step": step_samples, **_sustained([(h["step"], h["time"]) for h in history], step_samples),
+        "samples_per_step": step_samples,
+        **_sustained([(h["step"], h["time"]) for h in history if h["step"] <= (timed_until or max_steps)],
+                     step_samples),
         "peak_gib": _cuda_peak_gib(), "train_runtime_s": result.runtime_s, "job_wall_s": round(wall, 1),
         "first_loss": result.first_logged_loss, "last_loss": result.last_logged_loss,
         "first_step_after_s": round(history[0]["time"] - started, 1) if history else None,
@@ -458,8 +512,13 @@ def child_ours(spec: dict) -> dict:
 
 
 def child_ours_again(spec: dict) -> dict:
-    """(c) once more, in a new process: what a retrain pays when the compiled kernels are on the storage root."""
-    return _run_train_job(spec, "ours-again", spec["features_dir"], "auto", spec["steps_ours"])
+    """(c) once more, in a new process: what a retrain pays when the compiled kernels are on the storage root.
+    With --profile-trainer, three steps after the timed ones are profiled inside the trainer."""
+    steps = spec["steps_ours"]
+    if spec.get("profile_trainer"):
+        _profile_trainer_steps(Path(spec["out"]), first=steps + 1)
+        return _run_train_job(spec, "ours-again", spec["features_dir"], "auto", steps + 4, timed_until=steps)
+    return _run_train_job(spec, "ours-again", spec["features_dir"], "auto", steps)
 
 
 def child_levers(spec: dict) -> dict:
@@ -712,6 +771,8 @@ def main() -> None:
                              "answer lengths vary, so off for a short run)")
     parser.add_argument("--probe-compile", action="store_true",
                         help="also time a torch.compile'd vision tower on random pixels (~1 minute of compiling)")
+    parser.add_argument("--profile-trainer", action="store_true",
+                        help="(c) again profiles three steps after its timed ones (OUT/trainer_profile.txt)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="scale every path's step count")
     parser.add_argument("--child", nargs=3, metavar=("NAME", "SPEC", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -745,6 +806,7 @@ def main() -> None:
         "steps_ours": 40 if on_gpu else 6, "steps_lever": 24 if on_gpu else 4, "steps_hf": 8 if on_gpu else 4,
         "steps_unsloth": 9, "lever_budget_s": 60 if on_gpu else 10,
         "unsloth_compile": args.unsloth_compile, "probe_compile": args.probe_compile,
+        "profile_trainer": args.profile_trainer, "out": str(out),
         "model_overrides": {} if on_gpu else {"max_seq_length": 512},
     }
     for key in ("steps_ours", "steps_lever", "steps_hf", "steps_unsloth"):

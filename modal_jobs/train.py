@@ -262,6 +262,8 @@ class FeatureCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.pack = pack
         self._stand_in = Image.new("RGB", (32, 32), "white")
+        # The tokenizer's id is the model's (Gemma 3's processor names the start-of-image token as its own).
+        self._image_token_id = _image_token_id(getattr(processor, "tokenizer", processor))
         self._prompts: dict[str, dict[str, list[int]]] = {}
 
     def _prompt(self, text: str) -> dict[str, list[int]]:
@@ -329,8 +331,14 @@ class FeatureCollator:
         if self.completion_only_loss:
             labels[completion_mask == 0] = -100
         features = self.store.get([int(example["feature_index"]) for example in examples])
+        _check_image_tokens(int((input_ids == self._image_token_id).sum()), features)
         if self.pack:
-            return {**self._packed(input_ids, attention_mask, labels, extra, pad_id), "image_features": features}
+            packed = self._packed(input_ids, attention_mask, labels, extra, pad_id)
+            # Where the loss is computed, known here on the CPU, so the GPU step never waits for the host to
+            # find them (labelled_token_loss).
+            predicts_label = packed["labels"][0, 1:] != -100
+            return {**packed, "image_features": features,
+                    "labelled_positions": predicts_label.nonzero().flatten()}
         if self.pad_to_multiple_of:
             # Right padding past every row's end: masked, unlabelled, so no row's loss or gradient changes.
             width = input_ids.shape[1]
@@ -382,6 +390,15 @@ def _image_token_id(config: Any) -> int:
     raise ValueError(f"{type(config).__name__} names no image token (image_token_id)")
 
 
+def _check_image_tokens(placeholders: int, features: Any) -> None:
+    if placeholders != features.shape[0] * features.shape[1]:
+        raise ValueError(
+            f"Image features and image tokens do not match: {placeholders} image tokens in the batch, "
+            f"{features.shape[0] * features.shape[1]} feature vectors; if model.max_seq_length cut a prompt short, "
+            "raise it"
+        )
+
+
 def merge_image_features(model: Any, inputs: dict[str, Any]) -> dict[str, Any]:
     """Replace input_ids + image_features by inputs_embeds, as the model's forward does with the tower's output:
     token embeddings, then the image features scattered over the image-token positions (in the embeddings'
@@ -396,13 +413,8 @@ def merge_image_features(model: Any, inputs: dict[str, Any]) -> dict[str, Any]:
     # Gemma 3's own forward: an image token id outside the vocabulary is looked up as id 0 (then overwritten).
     lookup_ids = input_ids.masked_fill(image_mask, 0) if image_token_id >= embeddings.weight.shape[0] else input_ids
     embeds = embeddings(lookup_ids)
-    placeholders = int(image_mask.sum())
-    if placeholders != features.shape[0] * features.shape[1]:
-        raise ValueError(
-            f"Image features and image tokens do not match: {placeholders} image tokens in the batch, "
-            f"{features.shape[0] * features.shape[1]} feature vectors; if model.max_seq_length cut a prompt short, "
-            "raise it"
-        )
+    if input_ids.device.type == "cpu":  # on a GPU it would stall the step; FeatureCollator checked it already
+        _check_image_tokens(int(image_mask.sum()), features)
     features = features.to(embeds.device, embeds.dtype)
     inputs["inputs_embeds"] = embeds.masked_scatter(image_mask.unsqueeze(-1).to(embeds.device), features)
     return inputs
@@ -430,13 +442,22 @@ def labelled_token_loss(model: Any, inputs: dict[str, Any], chunk_tokens: int = 
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
+    inputs = dict(inputs)
+    positions = inputs.pop("labelled_positions", None)  # a packed batch's, found by the collator on the CPU
     inputs = merge_image_features(model, inputs)
     labels = inputs.pop("labels")
     backbone, head = _head_and_backbone(model)
-    hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1]
-    targets = labels[:, 1:].to(hidden.device)
-    labelled = targets != -100
-    hidden, targets = hidden[labelled], targets[labelled]
+    hidden = backbone(**inputs, use_cache=False).last_hidden_state
+    if positions is not None:  # one row: position p predicts the label at p + 1
+        positions = positions.to(hidden.device)
+        targets = labels[0].to(hidden.device).index_select(0, positions + 1)
+        hidden = hidden[0].index_select(0, positions)
+        count = torch.tensor(positions.numel(), device=hidden.device)
+    else:
+        targets = labels[:, 1:].to(hidden.device)
+        labelled = targets != -100
+        hidden, targets = hidden[:, :-1][labelled], targets[labelled]
+        count = labelled.sum()
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
 
     def chunk_loss(states, wanted):
@@ -449,7 +470,7 @@ def labelled_token_loss(model: Any, inputs: dict[str, Any], chunk_tokens: int = 
     for start in range(0, targets.numel(), chunk_tokens):
         part = slice(start, start + chunk_tokens)
         total = total + checkpoint(chunk_loss, hidden[part], targets[part], use_reentrant=False)
-    return total, labelled.sum()
+    return total, count
 
 
 def _with_image_features(trainer_class: type) -> type:
@@ -459,7 +480,7 @@ def _with_image_features(trainer_class: type) -> type:
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if return_outputs:  # evaluation asks for the logits: the model's own forward gives them
-                inputs = merge_image_features(model, inputs)
+                inputs = merge_image_features(model, {k: v for k, v in inputs.items() if k != "labelled_positions"})
                 return super().compute_loss(model, inputs, return_outputs=True,
                                             num_items_in_batch=num_items_in_batch)
             import torch
@@ -645,8 +666,14 @@ def keep_compiled_kernels() -> str:
     """Point torch.compile's on-disk caches (inductor's graphs and autograd's, Triton's kernels) at the storage
     root, so the next training process on the same software and GPU (a retrain, a retried task, the next point of
     a sweep) loads its kernels instead of spending minutes compiling them again. The caches key their entries by
-    graph, torch version and device, so nothing stale is loaded. An explicit TORCHINDUCTOR_CACHE_DIR wins."""
-    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(resolve("cache/torch-compile")))
+    graph, torch version and device, so nothing stale is loaded. A TORCHINDUCTOR_CACHE_DIR chosen by the user wins
+    (torch itself sets the variable to its /tmp default once anything has asked for the folder)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(resolve("cache/torch-compile"))
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
 class TrainerSetup:
@@ -741,6 +768,9 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
         fp16=on_gpu and request.model.dtype == "float16",
         gradient_checkpointing=on_gpu and backend == "trl" and checkpointing is True and not recompute_in_compiled,
         max_length=request.model.max_seq_length,
+        # The filter checks every step's loss on the host, which stalls the GPU once a step; a NaN loss had
+        # better show in the logs anyway.
+        logging_nan_inf_filter=False,
         report_to=_report_to(),
         run_name=run_name,
         remove_unused_columns=False,

@@ -291,6 +291,7 @@ def test_packed_rows_give_the_padded_batchs_loss_and_gradients(tiny_model_dir, t
     packed = FeatureCollator(processor, store, pack=True, pad_to_multiple_of=64)(feature_rows)
     lengths = padded["attention_mask"].sum(dim=1)
     assert "attention_mask" not in packed and packed["input_ids"].shape[0] == 1
+    assert packed["labels"][0, packed["labelled_positions"] + 1].ne(-100).all()
     assert packed["input_ids"].shape[1] % 64 == 0 and packed["input_ids"].shape[1] - 64 < int(lengths.sum())
     starts = (packed["position_ids"][0] == 0).nonzero().flatten().tolist()
     assert starts[: len(lengths)] == [0, *lengths.cumsum(0)[:-1].tolist()]  # each row restarts at position 0
