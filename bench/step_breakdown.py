@@ -391,9 +391,10 @@ def vision_backends(model_dir: str) -> dict:
                                     ("compiled", None, True)):
         try:
             kernel = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
-            if name == "compiled":
-                backbone.vision_tower.compile()
-                backbone.multi_modal_projector.compile()
+            if name == "compiled":  # as the encode stage compiles it
+                from modal_jobs.encode import _compile_tower
+
+                _compile_tower(backbone)
             t0 = time.time()
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast), kernel:
                 rate, features = _timed_features(backbone, pixels)

@@ -240,9 +240,14 @@ def sequence_lengths(model_dir: Path, dataset_dir: Path, instruction: str) -> di
     from modal_jobs.prompts import assistant_turn, user_turn
     from modal_jobs.train import FeatureCollator
 
-    class _NoFeatures:
+    import torch
+    from transformers import AutoConfig
+
+    mm_tokens = AutoConfig.from_pretrained(model_dir).mm_tokens_per_image
+
+    class _NoFeatures:  # features of the right count and no width: only the token layout is wanted here
         def get(self, rows):
-            return None
+            return torch.empty(len(rows), mm_tokens, 0)
 
     processor = AutoProcessor.from_pretrained(model_dir)
     collator = FeatureCollator(processor, _NoFeatures())
@@ -493,6 +498,7 @@ def child_encode(spec: dict) -> dict:
                             batch_size=spec["encode_batch"])
     result = encode_images(request)
     return {"features_dir": result.features_dir, "images": result.num_images, "images_per_s": result.images_per_s,
+            "first_batch_s": result.first_batch_s, "compiled_tower": result.compiled_tower,
             "runtime_s": result.runtime_s, "size_gb": round(result.size_bytes / 1e9, 2), "dtype": result.dtype,
             "peak_gib": _cuda_peak_gib(), "matmul_tflops": matmul, "vision_only_images_per_s": probe,
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}

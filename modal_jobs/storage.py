@@ -73,6 +73,20 @@ def check_writable(root: Path | None = None) -> Path:
     return root
 
 
+def keep_compiled_kernels() -> str:
+    """Point torch.compile's on-disk caches (inductor's graphs and autograd's, Triton's kernels) at the storage
+    root, so the next process on the same software and GPU (a retrain, a retried task, the next point of a sweep)
+    loads its kernels instead of spending minutes compiling them again. The caches key their entries by graph,
+    torch version and device, so nothing stale is loaded. A TORCHINDUCTOR_CACHE_DIR chosen by the user wins
+    (torch itself sets the variable to its /tmp default once anything has asked for the folder)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(resolve("cache/torch-compile"))
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
 def read_manifest(output_dir: str | Path) -> dict[str, Any] | None:
     path = resolve(output_dir) / MANIFEST_NAME
     try:

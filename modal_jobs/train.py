@@ -662,20 +662,6 @@ def _compile_layers(model: Any, recompute: bool | str = False, backend: str = "i
     return True
 
 
-def keep_compiled_kernels() -> str:
-    """Point torch.compile's on-disk caches (inductor's graphs and autograd's, Triton's kernels) at the storage
-    root, so the next training process on the same software and GPU (a retrain, a retried task, the next point of
-    a sweep) loads its kernels instead of spending minutes compiling them again. The caches key their entries by
-    graph, torch version and device, so nothing stale is loaded. A TORCHINDUCTOR_CACHE_DIR chosen by the user wins
-    (torch itself sets the variable to its /tmp default once anything has asked for the folder)."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(resolve("cache/torch-compile"))
-    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
-
-
 class TrainerSetup:
     """A built trainer and how it was built (what `train` runs; the benchmark and the tests use it too)."""
 
@@ -811,6 +797,8 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
     # Unsloth has its own LoRA forwards and compiles (or not) by its own settings; not ours to redo.
     fused_lora = features and backend == "trl" and FEATURES_FUSED_LORA and fuse_lora_forwards(trainer.model)
     if compile_layers:
+        from modal_jobs.storage import keep_compiled_kernels
+
         keep_compiled_kernels()
     compiled = compile_layers and _compile_layers(trainer.model, checkpointing if recompute_in_compiled else False)
     image_inputs = {
