@@ -26,7 +26,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bench.train_speed import _cuda_peak_gib, _reset_peak, _train_request
+from bench.train_speed import _cuda_peak_gib, _kernel_seconds, _reset_peak, _train_request
 
 WARMUP, TIMED = 2, 6
 
@@ -189,7 +189,7 @@ def main() -> None:
             table = averages.table(sort_by=key, row_limit=30, max_name_column_width=70)
             name = "step_profile-" + "".join(c if c.isalnum() else "_" for c in label) + ".txt"
             (args.out / name).write_text(table)
-            gpu_s = sum(getattr(event, "self_device_time_total", 0) for event in averages) / 1e6
+            gpu_s = _kernel_seconds(averages)
             report.setdefault("profiles", {})[label] = {
                 "file": name, "wall_s": round(wall, 3), "gpu_kernel_s": round(gpu_s, 3),
                 "gpu_busy": round(gpu_s / wall, 3) if wall else None, "micro_batch": micro}

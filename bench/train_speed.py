@@ -316,6 +316,14 @@ def _train_request(spec: dict, name: str, features_dir: str | None, backend: str
                         features_dir=features_dir)
 
 
+def _kernel_seconds(averages: Any) -> float:
+    """GPU kernel time in a profile's key averages. Only the kernels' own rows: an operator's row (aten::mm)
+    repeats the time of the kernels it launched, so summing every row counts it twice."""
+    from torch.autograd import DeviceType
+
+    return sum(event.self_device_time_total for event in averages if event.device_type == DeviceType.CUDA) / 1e6
+
+
 def _profile_trainer_steps(out: Path, first: int, count: int = 3):
     """Wrap modal_jobs.train.build_trainer so the trainer it builds profiles steps [first, first + count): a
     kernel table, and how busy the GPU was over those steps (kernel time / wall time)."""
@@ -353,7 +361,7 @@ def _profile_trainer_steps(out: Path, first: int, count: int = 3):
                     prof = state.pop("profile")
                     prof.__exit__(None, None, None)
                     averages = prof.key_averages()
-                    gpu_s = sum(getattr(event, "self_device_time_total", 0) for event in averages) / 1e6
+                    gpu_s = _kernel_seconds(averages)
                     table = averages.table(sort_by=sort_key, row_limit=40, max_name_column_width=70)
                     (out / "trainer_profile.txt").write_text(
                         f"steps {first}-{first + count - 1}: wall {wall:.3f} s, GPU kernels {gpu_s:.3f} s "
