@@ -665,6 +665,15 @@ def _compile_layers(model: Any, recompute: bool | str = False, backend: str = "i
     return True
 
 
+def _switch_to_flex_attention(model: Any) -> bool:
+    try:
+        model.set_attn_implementation("flex_attention")
+    except (ValueError, ImportError, AttributeError) as error:
+        print(f"batches padded, not packed: no FlexAttention for this model ({error})", file=sys.stderr)
+        return False
+    return True
+
+
 class TrainerSetup:
     """A built trainer and how it was built (what `train` runs; the benchmark and the tests use it too)."""
 
@@ -727,7 +736,9 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
     recompute_in_compiled = bool(compile_layers and FEATURES_RECOMPUTE_IN_COMPILED and checkpointing)
     micro_batch, accumulation = _micro_batch(train_cfg, features)
     group_by_length = features and FEATURES_GROUP_BY_LENGTH
-    pack = bool(compile_layers and FEATURES_PACK_SEQUENCES)
+    # Packed rows need a mask that keeps them apart; FlexAttention computes only its non-empty blocks (SDPA would
+    # get a dense [tokens, tokens] mask over the whole batch). A model without it trains on padded batches.
+    pack = bool(compile_layers and FEATURES_PACK_SEQUENCES) and _switch_to_flex_attention(model)
     extra_args: dict[str, Any] = {}
     if features:
         # The rows are already what the collator wants; TRL must not tokenize them itself.
@@ -793,10 +804,6 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
         # On the model rather than through the arguments: the policy is a function, which the arguments (saved
         # with every checkpoint) could not hold.
         trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=selective_checkpoint_kwargs())
-    if pack:
-        # Packed rows need a mask that keeps them apart; FlexAttention computes only its non-empty blocks (SDPA
-        # would get a dense [tokens, tokens] mask over the whole batch).
-        trainer.model.set_attn_implementation("flex_attention")
     # Unsloth has its own LoRA forwards and compiles (or not) by its own settings; not ours to redo.
     fused_lora = features and backend == "trl" and FEATURES_FUSED_LORA and fuse_lora_forwards(trainer.model)
     if compile_layers:

@@ -86,3 +86,18 @@ def test_unwritable_root_fails_with_its_path(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(PermissionError, match=str(blocker)):
         storage.check_writable(blocker / "root")
+
+
+def test_compiled_kernels_are_kept_on_the_storage_root_unless_the_user_chose_a_folder(home, monkeypatch, tmp_path):
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+
+    kept = str(home.resolve() / "cache" / "torch-compile")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert storage.keep_compiled_kernels() == kept
+    assert cache_dir() == kept  # where inductor (and Triton under it) will write
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what torch sets once asked for its folder
+    assert storage.keep_compiled_kernels() == kept
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert storage.keep_compiled_kernels() == str(tmp_path / "mine")
