@@ -317,6 +317,50 @@ def test_packed_rows_give_the_padded_batchs_loss_and_gradients(tiny_model_dir, t
     assert float(total / count) == pytest.approx(padded_loss, rel=1e-5)
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _cuda_available(), reason="FlexAttention's backward needs a GPU")
+def test_packed_rows_under_flex_attention_give_the_padded_batchs_gradients_on_a_gpu(tiny_model_dir, tiny_dataset_dir,
+                                                                                   encoded):
+    """The GPU's path: packed rows under FlexAttention, in layers compiled with selective recomputation inside,
+    give the gradients of the padded batch under SDPA, eager."""
+    import torch
+
+    from modal_jobs.encode import FeatureStore
+    from modal_jobs.train import FeatureCollator, _compile_layers, fuse_lora_forwards
+
+    model, processor = _tiny_lora_model(tiny_model_dir)
+    model.cuda()
+    _, feature_rows = _rows(tiny_dataset_dir, 5)
+    store = FeatureStore(encoded.features_dir)
+    padded = FeatureCollator(processor, store)(feature_rows)
+    packed = FeatureCollator(processor, store, pack=True, pad_to_multiple_of=64)(feature_rows)
+
+    def on_gpu(batch):
+        return {name: value.cuda() for name, value in batch.items()}
+
+    model.train()
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # float32 as float32: TF32 would round both sides apart
+    try:
+        padded_loss, padded_grads = _loss_and_lora_gradients(model, on_gpu(padded))
+        fuse_lora_forwards(model)
+        model.set_attn_implementation("flex_attention")
+        torch._dynamo.reset()
+        assert _compile_layers(model, recompute="selective")
+        packed_loss, packed_grads = _loss_and_lora_gradients(model, on_gpu(packed))
+    finally:
+        torch._dynamo.reset()
+        torch.set_float32_matmul_precision(precision)
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-4)
+    for name in padded_grads:
+        torch.testing.assert_close(packed_grads[name], padded_grads[name], rtol=1e-3, atol=1e-5)
+
+
 @pytest.mark.parametrize("recompute", [True, "selective"])
 def test_recomputing_inside_compiled_layers_gives_the_same_gradients(tiny_model_dir, tiny_dataset_dir, encoded,
                                                                      recompute):
