@@ -11,9 +11,9 @@ frozen, the vision tower is not run at all. `FeatureCollator` builds input_ids, 
 token_type_ids exactly as TRL's collator does but returns the cached image features instead of pixel_values,
 and the trainer scatters them into the token embeddings at the image-token positions (what the model's own
 forward does with the tower's output), then scores only the labelled positions, so the loss on a batch is the
-same number. On a GPU the batch's rows are packed end to end (no padding; each row attends only to itself). The cache is used only if its recorded components (dataset, vision weights, processor settings,
-dtype, libraries) match this job's; otherwise, or when vision layers are trained, the job trains from pixels and
-says why.
+same number. On a GPU the batch's rows are packed end to end (no padding; each row attends only to itself). The
+cache is used only if its recorded components (dataset, vision weights, processor settings, dtype, libraries)
+match this job's; otherwise, or when vision layers are trained, the job trains from pixels and says why.
 
 Checkpoints go to <run>/checkpoints/ every `save_steps`; a re-run (or a retried task, or a preempted Modal
 container) resumes from the latest complete checkpoint. The adapter and processor land in <run>/lora/,
