@@ -11,6 +11,8 @@ LaTeX_OCR-like, varied lengths, and measures, each in its own process on the sam
     (b) unsloth_pixels Unsloth as the original script uses it: FastVisionModel, UnslothVisionDataCollator, 4 x 4
     (c) ours           our train job as shipped (modal_jobs.train.train) on the cached features of (d)
     (d) encode         our encode stage (modal_jobs.encode.encode_images) over the whole bench set
+    ours_again         (c) in a second process: its compiled kernels now cached on the storage root (time to the
+                       first step); with --profile-trainer, three steps after the timed ones are profiled
     levers             our job with one lever changed at a time (recomputation full or selective, inside or around
                        the compiled layers, length grouping, PEFT's LoRA forwards, compilation)
 
