@@ -26,7 +26,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bench.train_speed import _cuda_peak_gib, _kernel_seconds, _reset_peak, _train_request
+from bench.train_speed import (
+    _cuda_peak_gib,
+    _kernel_seconds,
+    _reset_peak,
+    _train_request,
+)
 
 WARMUP, TIMED = 2, 6
 

@@ -236,14 +236,12 @@ def _stats(values: list[float]) -> dict[str, float]:
 def sequence_lengths(model_dir: Path, dataset_dir: Path, instruction: str) -> dict[str, Any]:
     """Tokens of each training sequence (prompt with its image placeholders + answer) and of each answer's
     labelled part, made by the train job's own collator."""
+    import torch
     from datasets import load_from_disk
-    from transformers import AutoProcessor
+    from transformers import AutoConfig, AutoProcessor
 
     from modal_jobs.prompts import assistant_turn, user_turn
     from modal_jobs.train import FeatureCollator
-
-    import torch
-    from transformers import AutoConfig
 
     mm_tokens = AutoConfig.from_pretrained(model_dir).mm_tokens_per_image
 
