@@ -276,19 +276,27 @@ def test_fused_lora_forwards_give_the_same_loss_and_gradients(tiny_model_dir, ti
     assert fused_bf16 == pytest.approx(peft_bf16, rel=2e-2) and fused_bf16 == pytest.approx(peft_loss, rel=5e-2)
 
 
-def test_packed_rows_give_the_padded_batchs_loss_and_gradients(tiny_model_dir, tiny_dataset_dir, encoded):
-    """A batch's rows packed end to end (each with its own positions, so transformers masks them apart) give the
-    padded batch's loss and adapter gradients; FlexAttention, which the GPU uses on packed rows, the same loss."""
-    import torch
-
+def _padded_and_packed(tiny_model_dir, tiny_dataset_dir, encoded):
+    """(the tiny LoRA model, five rows collated padded, the same rows packed into one row padded to 64)."""
     from modal_jobs.encode import FeatureStore
-    from modal_jobs.train import FeatureCollator, labelled_token_loss
+    from modal_jobs.train import FeatureCollator
 
     model, processor = _tiny_lora_model(tiny_model_dir)
     _, feature_rows = _rows(tiny_dataset_dir, 5)
     store = FeatureStore(encoded.features_dir)
     padded = FeatureCollator(processor, store)(feature_rows)
     packed = FeatureCollator(processor, store, pack=True, pad_to_multiple_of=64)(feature_rows)
+    return model, padded, packed
+
+
+def test_packed_rows_give_the_padded_batchs_loss_and_gradients(tiny_model_dir, tiny_dataset_dir, encoded):
+    """A batch's rows packed end to end (each with its own positions, so transformers masks them apart) give the
+    padded batch's loss and adapter gradients; FlexAttention, which the GPU uses on packed rows, the same loss."""
+    import torch
+
+    from modal_jobs.train import labelled_token_loss
+
+    model, padded, packed = _padded_and_packed(tiny_model_dir, tiny_dataset_dir, encoded)
     lengths = padded["attention_mask"].sum(dim=1)
     assert "attention_mask" not in packed and packed["input_ids"].shape[0] == 1
     assert packed["labels"][0, packed["labelled_positions"] + 1].ne(-100).all()
@@ -330,15 +338,10 @@ def test_packed_rows_under_flex_attention_give_the_padded_batchs_gradients_on_a_
     give the gradients of the padded batch under SDPA, eager."""
     import torch
 
-    from modal_jobs.encode import FeatureStore
-    from modal_jobs.train import FeatureCollator, _compile_layers, fuse_lora_forwards
+    from modal_jobs.train import _compile_layers, fuse_lora_forwards
 
-    model, processor = _tiny_lora_model(tiny_model_dir)
+    model, padded, packed = _padded_and_packed(tiny_model_dir, tiny_dataset_dir, encoded)
     model.cuda()
-    _, feature_rows = _rows(tiny_dataset_dir, 5)
-    store = FeatureStore(encoded.features_dir)
-    padded = FeatureCollator(processor, store)(feature_rows)
-    packed = FeatureCollator(processor, store, pack=True, pad_to_multiple_of=64)(feature_rows)
 
     def on_gpu(batch):
         return {name: value.cuda() for name, value in batch.items()}
