@@ -12,7 +12,7 @@ LaTeX_OCR-like, varied lengths, and measures, each in its own process on the sam
     (c) ours           our train job as shipped (modal_jobs.train.train) on the cached features of (d)
     (d) encode         our encode stage (modal_jobs.encode.encode_images) over the whole bench set
     ours_again         (c) in a second process: its compiled kernels now cached on the storage root (time to the
-                       first step); with --profile-trainer, three steps after the timed ones are profiled
+                       first step); with --profile-trainer, after the timed steps two count host syncs, three are profiled
     levers             our job with one lever changed at a time (recomputation full or selective, inside or around
                        the compiled layers, length grouping, PEFT's LoRA forwards, compilation)
 
@@ -324,14 +324,20 @@ def _kernel_seconds(averages: Any) -> float:
     return sum(event.self_device_time_total for event in averages if event.device_type == DeviceType.CUDA) / 1e6
 
 
-def _profile_trainer_steps(out: Path, first: int, count: int = 3):
-    """Wrap modal_jobs.train.build_trainer so the trainer it builds profiles steps [first, first + count): a
-    kernel table, and how busy the GPU was over those steps (kernel time / wall time)."""
+def _profile_trainer_steps(out: Path, first: int, count: int = 3, sync_steps: int = 2):
+    """Wrap modal_jobs.train.build_trainer so the trainer it builds records, from step `first`: `sync_steps` steps
+    with every host-synchronising CUDA operation counted by its stack (OUT/trainer_syncs.txt), then `count`
+    profiled steps: a kernel table, how busy the GPU was, and its idle gaps charged to the host operations that
+    ended them (OUT/trainer_profile.txt, OUT/trainer_idle.json)."""
     import modal_jobs.train as job
+    from bench.gpu_idle import SyncRecorder, idle_report
 
     build = job.build_trainer
+    profiled_from = first + sync_steps
 
     def build_and_profile(request):
+        import tempfile
+
         import torch
         from torch.profiler import ProfilerActivity, profile
         from transformers import TrainerCallback
@@ -348,14 +354,21 @@ def _profile_trainer_steps(out: Path, first: int, count: int = 3):
 
         class Profiler(TrainerCallback):
             def on_step_begin(self, args, trainer_state, control, **kwargs):
-                if trainer_state.global_step == first:
+                if trainer_state.global_step == first and on_gpu and sync_steps:
+                    state["syncs"] = SyncRecorder().__enter__()
+                if trainer_state.global_step == profiled_from:
+                    if "syncs" in state:
+                        recorder = state.pop("syncs")
+                        recorder.__exit__(None, None, None)
+                        (out / "trainer_syncs.txt").write_text(
+                            f"steps {first}-{profiled_from - 1}: " + recorder.report() + "\n")
                     _sync()
                     state["profile"] = profile(activities=activities)
                     state["profile"].__enter__()
                     state["t0"] = time.time()
 
             def on_step_end(self, args, trainer_state, control, **kwargs):
-                if trainer_state.global_step == first + count and "profile" in state:
+                if trainer_state.global_step == profiled_from + count and "profile" in state:
                     _sync()
                     wall = time.time() - state["t0"]
                     prof = state.pop("profile")
@@ -364,8 +377,12 @@ def _profile_trainer_steps(out: Path, first: int, count: int = 3):
                     gpu_s = _kernel_seconds(averages)
                     table = averages.table(sort_by=sort_key, row_limit=40, max_name_column_width=70)
                     (out / "trainer_profile.txt").write_text(
-                        f"steps {first}-{first + count - 1}: wall {wall:.3f} s, GPU kernels {gpu_s:.3f} s "
-                        f"(busy {gpu_s / wall:.0%})\n{table}")
+                        f"steps {profiled_from}-{profiled_from + count - 1}: wall {wall:.3f} s, GPU kernels "
+                        f"{gpu_s:.3f} s (busy {gpu_s / wall:.0%})\n{table}")
+                    with tempfile.TemporaryDirectory() as tmp:
+                        trace = Path(tmp) / "trace.json"
+                        prof.export_chrome_trace(str(trace))
+                        (out / "trainer_idle.json").write_text(json.dumps(idle_report(trace), indent=1))
 
         setup.trainer.add_callback(Profiler())
         return setup
@@ -527,11 +544,11 @@ def child_ours(spec: dict) -> dict:
 
 def child_ours_again(spec: dict) -> dict:
     """(c) once more, in a new process: what a retrain pays when the compiled kernels are on the storage root.
-    With --profile-trainer, three steps after the timed ones are profiled inside the trainer."""
+    With --profile-trainer, after the timed steps, two count host syncs and three are profiled inside the trainer."""
     steps = spec["steps_ours"]
     if spec.get("profile_trainer"):
         _profile_trainer_steps(Path(spec["out"]), first=steps + 1)
-        return _run_train_job(spec, "ours-again", spec["features_dir"], "auto", steps + 4, timed_until=steps)
+        return _run_train_job(spec, "ours-again", spec["features_dir"], "auto", steps + 6, timed_until=steps)
     return _run_train_job(spec, "ours-again", spec["features_dir"], "auto", steps)
 
 
@@ -786,7 +803,8 @@ def main() -> None:
     parser.add_argument("--probe-compile", action="store_true",
                         help="also time a torch.compile'd vision tower on random pixels (~1 minute of compiling)")
     parser.add_argument("--profile-trainer", action="store_true",
-                        help="(c) again profiles three steps after its timed ones (OUT/trainer_profile.txt)")
+                        help="(c) again, after its timed steps, counts host syncs over two (OUT/trainer_syncs.txt) "
+                             "and profiles three (OUT/trainer_profile.txt, trainer_idle.json)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="scale every path's step count")
     parser.add_argument("--child", nargs=3, metavar=("NAME", "SPEC", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args()

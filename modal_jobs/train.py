@@ -433,6 +433,47 @@ def _head_and_backbone(model: Any) -> tuple[Any, Any]:
     return backbone, head
 
 
+def packed_attention_masks(config: Any, inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """Gemma 3's FlexAttention masks for one packed row, keyed by layer type, as transformers builds them from
+    position_ids and token_type_ids (tests/test_encode.py compares the two), without reading anything back.
+
+    transformers first checks on the host whether the positions are packed at all, once per mask (three times a
+    forward): each check empties the GPU's queue. Here the row is packed by construction. None where the model
+    is not a Gemma-3-like one under FlexAttention; the model then builds its own masks."""
+    from transformers.masking_utils import (
+        and_masks,
+        blockwise_overlay,
+        causal_mask_function,
+        flex_attention_mask,
+        or_masks,
+        packed_sequence_mask_function,
+        sliding_window_overlay,
+    )
+    from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
+
+    text_config = config.get_text_config()
+    layer_types = set(getattr(text_config, "layer_types", None) or ())
+    token_types = inputs.get("token_type_ids")
+    if (getattr(text_config, "_attn_implementation", None) != "flex_attention" or token_types is None
+            or not layer_types <= {"full_attention", "sliding_attention"}):
+        return None
+    embeds, position_ids = inputs["inputs_embeds"], inputs["position_ids"].to(inputs["inputs_embeds"].device)
+    # transformers' find_packed_sequence_indices, less its host-side "is anything packed?" branch.
+    step = position_ids.diff(dim=-1, prepend=position_ids[:, :1] - 1)
+    same_row = packed_sequence_mask_function((step != 1).cumsum(-1))
+    image_blocks = blockwise_overlay(get_block_sequence_ids_for_mask(token_types, device=embeds.device))
+    shapes = {"batch_size": embeds.shape[0], "q_length": embeds.shape[1], "kv_length": embeds.shape[1],
+              "device": embeds.device}
+    masks = {}
+    if "full_attention" in layer_types:
+        masks["full_attention"] = or_masks(and_masks(causal_mask_function, same_row), image_blocks)
+    if "sliding_attention" in layer_types:
+        masks["sliding_attention"] = and_masks(
+            or_masks(causal_mask_function, image_blocks), sliding_window_overlay(text_config.sliding_window),
+            same_row)
+    return {kind: flex_attention_mask(mask_function=mask, **shapes) for kind, mask in masks.items()}
+
+
 def labelled_token_loss(model: Any, inputs: dict[str, Any], chunk_tokens: int = 2048) -> tuple[Any, Any]:
     """(summed cross-entropy, number of labelled tokens) of a batch of cached features.
 
@@ -450,12 +491,17 @@ def labelled_token_loss(model: Any, inputs: dict[str, Any], chunk_tokens: int = 
     inputs = merge_image_features(model, inputs)
     labels = inputs.pop("labels")
     backbone, head = _head_and_backbone(model)
+    if positions is not None:
+        masks = packed_attention_masks(backbone.config, inputs)
+        if masks is not None:
+            inputs["attention_mask"] = masks
     hidden = backbone(**inputs, use_cache=False).last_hidden_state
     if positions is not None:  # one row: position p predicts the label at p + 1
         positions = positions.to(hidden.device)
         targets = labels[0].to(hidden.device).index_select(0, positions + 1)
         hidden = hidden[0].index_select(0, positions)
-        count = torch.tensor(positions.numel(), device=hidden.device)
+        # torch.full, not torch.tensor: a number copied to the GPU makes the host wait for it.
+        count = torch.full((), positions.numel(), device=hidden.device, dtype=torch.long)
     else:
         targets = labels[:, 1:].to(hidden.device)
         labelled = targets != -100
@@ -775,6 +821,8 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
         run_name=run_name,
         remove_unused_columns=False,
         dataloader_num_workers=FEATURES_LOADER_WORKERS if features and on_gpu else 0,
+        # Batches copied to the GPU from pinned memory without the host waiting for each copy (six a step).
+        accelerator_config={"non_blocking": True} if on_gpu else None,
         disable_tqdm=False,
         **extra_args,
     )

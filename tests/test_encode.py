@@ -325,6 +325,44 @@ def test_packed_rows_give_the_padded_batchs_loss_and_gradients(tiny_model_dir, t
     assert float(total / count) == pytest.approx(padded_loss, rel=1e-5)
 
 
+def test_packed_rows_masks_are_the_ones_transformers_builds(tiny_model_dir, tiny_dataset_dir, encoded):
+    """packed_attention_masks, which reads nothing back from the device, allows exactly the (query, key) pairs
+    that transformers' own Gemma 3 masks allow for the same packed row: rows apart, each image bidirectional,
+    the sliding layers' window (made shorter than a row here, so that it bites)."""
+    import torch
+    from torch.nn.attention.flex_attention import create_mask
+    from transformers.models.gemma3.modeling_gemma3 import (
+        create_masks_for_vision_model,
+        get_block_sequence_ids_for_mask,
+    )
+
+    from modal_jobs.train import _head_and_backbone, merge_image_features, packed_attention_masks
+
+    if shutil.which("cc") is None:  # a BlockMask on a CPU is made by compiled code
+        pytest.skip("no C compiler for FlexAttention's CPU kernel")
+    model, _, packed = _padded_and_packed(tiny_model_dir, tiny_dataset_dir, encoded)
+    backbone, _ = _head_and_backbone(model)
+    text_config = backbone.config.get_text_config()
+    text_config.sliding_window = 16
+    inputs = merge_image_features(model, {k: v for k, v in packed.items() if k not in ("labels", "labelled_positions")})
+    assert packed_attention_masks(backbone.config, inputs) is None  # SDPA: the model builds its own
+    model.set_attn_implementation("flex_attention")
+    ours = packed_attention_masks(backbone.config, inputs)
+    model.set_attn_implementation("sdpa")  # transformers' masks, dense
+    theirs = create_masks_for_vision_model(
+        config=text_config, inputs_embeds=inputs["inputs_embeds"], attention_mask=None, past_key_values=None,
+        position_ids=inputs["position_ids"],
+        block_sequence_ids=get_block_sequence_ids_for_mask(inputs["token_type_ids"]))
+    length = inputs["inputs_embeds"].shape[1]
+    assert ours.keys() == theirs.keys() == {"full_attention", "sliding_attention"}
+    for kind, block_mask in ours.items():
+        dense = create_mask(block_mask.mask_mod, 1, 1, length, length, device="cpu")
+        assert torch.equal(dense, theirs[kind].expand_as(dense)), kind
+    assert not torch.equal(theirs["full_attention"], theirs["sliding_attention"])
+    rows = int((packed["position_ids"][0] == 0).sum())
+    assert theirs["full_attention"].sum() < theirs["full_attention"].numel() // rows  # rows kept apart
+
+
 def _cuda_available() -> bool:
     import torch
 
