@@ -398,7 +398,8 @@ def _run_train_job(spec: dict, name: str, features_dir: str | None, backend: str
     request = _train_request(spec, name, features_dir, backend, max_steps)
     _reset_peak()
     started = time.time()
-    result = train(request)
+    with _GarbageCollections() as collections:
+        result = train(request)
     wall = time.time() - started
     manifest = read_manifest(request.adapter_dir)
     history = json.loads((resolve(request.output_dir) / "progress.json").read_text())["history"]
@@ -412,7 +413,43 @@ def _run_train_job(spec: dict, name: str, features_dir: str | None, backend: str
         "peak_gib": _cuda_peak_gib(), "train_runtime_s": result.runtime_s, "job_wall_s": round(wall, 1),
         "first_loss": result.first_logged_loss, "last_loss": result.last_logged_loss,
         "first_step_after_s": round(history[0]["time"] - started, 1) if history else None,
+        # From the first logged step on: what training itself triggers, not loading and compiling.
+        "garbage_collections": collections.summary(since=history[0]["time"] if history else None),
     }
+
+
+class _GarbageCollections:
+    """Python's garbage collections during the block, by generation: how many, and how long they held the host."""
+
+    def __init__(self):
+        self.collections: list[tuple[float, int, float]] = []  # (wall time at start, generation, seconds)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = (time.time(), time.perf_counter())
+        elif hasattr(self, "_started"):
+            self.collections.append((self._started[0], info["generation"], time.perf_counter() - self._started[1]))
+
+    def __enter__(self):
+        import gc
+
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import gc
+
+        gc.callbacks.remove(self._callback)
+
+    def summary(self, since: float | None = None) -> dict[str, Any]:
+        """Collections from `since` (wall time) on, by generation."""
+        by_generation: dict[int, list[float]] = {}
+        for started, generation, seconds in self.collections:
+            if since is None or started >= since:
+                by_generation.setdefault(generation, []).append(seconds)
+        return {f"generation_{generation}": {"count": len(times), "total_ms": round(1e3 * sum(times), 1),
+                                             "max_ms": round(1e3 * max(times), 1)}
+                for generation, times in sorted(by_generation.items())}
 
 
 def child_setup(spec: dict) -> dict:
@@ -585,6 +622,30 @@ def child_levers(spec: dict) -> dict:
     return out
 
 
+# Variants of (c) that each need a process of their own (compiler settings apply to a whole process's
+# compiled layers): name -> modal_jobs.train attributes.
+VARIANTS = {
+    # Inductor's C++ wrapper launches each compiled layer's kernels from C++, not Python.
+    "ours_cpp_wrapper": {"FEATURES_COMPILE_OPTIONS": {"cpp_wrapper": True}},
+    # Python's collector left to walk every object, the model's included (as before FREEZE_GC_AT_TRAIN_START).
+    "ours_gc_unfrozen": {"FREEZE_GC_AT_TRAIN_START": False},
+    # CUDA graphs of the compiled layers (one per distinct length: packed rows padded to 256, fewer lengths).
+    "ours_cuda_graphs": {"FEATURES_COMPILE_OPTIONS": {"triton.cudagraphs": True}, "FEATURES_PAD_TO_MULTIPLE": 256},
+}
+
+
+def _child_variant(name: str):
+    def run(spec: dict) -> dict:
+        import modal_jobs.train as job
+
+        for attribute, value in VARIANTS[name].items():
+            setattr(job, attribute, value)
+        return {"overrides": VARIANTS[name],
+                **_run_train_job(spec, name, spec["features_dir"], "auto", spec["steps_variant"])}
+
+    return run
+
+
 def child_hf(spec: dict) -> dict:
     """(a) plain HF + PEFT on pixels, the original recipe."""
     return {"pixels": _run_train_job(spec, "hf", None, "trl", spec["steps_hf"])}
@@ -647,7 +708,8 @@ def child_unsloth(spec: dict) -> dict:
 
 
 CHILDREN = {"setup": child_setup, "encode": child_encode, "ours": child_ours, "ours_again": child_ours_again,
-            "unsloth": child_unsloth, "hf": child_hf, "levers": child_levers}
+            "unsloth": child_unsloth, "hf": child_hf, "levers": child_levers,
+            **{name: _child_variant(name) for name in VARIANTS}}
 
 
 # --- the orchestrator -----------------------------------------------------------------------------------
@@ -679,6 +741,9 @@ def _run_child(name: str, spec: dict, workdir: Path, timeout: float) -> dict:
             code = "timeout"
     wall = round(time.time() - started, 1)
     print(f"[bench] {name}: exit {code} after {wall} s", file=sys.stderr, flush=True)
+    logs = Path(spec["out"]) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    (logs / log_path.name).write_text(log_path.read_text(errors="replace"))
     if result_path.exists():
         return {**json.loads(result_path.read_text()), "wall_s": wall}
     tail = log_path.read_text(errors="replace").splitlines()[-25:]
@@ -726,6 +791,10 @@ def summarise(results: dict, peak_tflops: float | None) -> dict:
                  "samples_per_s": ips, "tokens_per_s": None, "peak_gib": encode.get("peak_gib"),
                  "mfu": round(per_image * ips / (peak_tflops * 1e12), 3) if (ips and peak_tflops) else None,
                  "error": encode.get("error")})
+    for name in VARIANTS:
+        if isinstance(results.get(name), dict):
+            rows.append(_row("variant", f"ours, {name}: {VARIANTS[name]}", results[name], cached, peak_tflops,
+                             seq_tokens))
     for label, lever in (results.get("levers") or {}).items():
         if isinstance(lever, dict):
             rows.append(_row("lever", f"ours, {label}", lever, cached, peak_tflops, seq_tokens))
@@ -826,6 +895,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TORCH_LOGS", "recompiles")  # in each child's log (OUT/logs): when and why
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")]))
     device = _device()
     on_gpu = device.get("gpu") is not None and not args.tiny
@@ -835,13 +905,14 @@ def main() -> None:
         "model_dir": str(workdir / "model"), "dataset_dir": str(workdir / "dataset"), "deadline": deadline,
         "encode_batch": 32 if on_gpu else 8,
         # Enough steps for a sustained rate: ~15-20 s of timed training per path on an H100.
-        "steps_ours": 40 if on_gpu else 6, "steps_lever": 24 if on_gpu else 4, "steps_hf": 8 if on_gpu else 4,
+        "steps_ours": 40 if on_gpu else 6, "steps_lever": 24 if on_gpu else 4,
+        "steps_variant": 60 if on_gpu else 6, "steps_hf": 8 if on_gpu else 4,
         "steps_unsloth": 9, "lever_budget_s": 60 if on_gpu else 10,
         "unsloth_compile": args.unsloth_compile, "probe_compile": args.probe_compile,
         "profile_trainer": args.profile_trainer, "out": str(out),
         "model_overrides": {} if on_gpu else {"max_seq_length": 512},
     }
-    for key in ("steps_ours", "steps_lever", "steps_hf", "steps_unsloth"):
+    for key in ("steps_ours", "steps_lever", "steps_variant", "steps_hf", "steps_unsloth"):
         spec[key] = max(WARMUP_STEPS + 2, round(spec[key] * args.steps_scale))
     wanted = args.only.split(",")
     report: dict[str, Any] = {
@@ -856,7 +927,8 @@ def main() -> None:
         },
     }
     # (c) compiles its layers first (~2 minutes on an H100), then trains; Unsloth's import alone takes ~40 s.
-    caps = {"setup": 120, "encode": 150, "hf": 170, "ours": 330, "ours_again": 330, "unsloth": 330, "levers": 400}
+    caps = {"setup": 120, "encode": 150, "hf": 170, "ours": 330, "ours_again": 330, "unsloth": 330, "levers": 400,
+            **{name: 360 for name in VARIANTS}}
     for name in wanted:  # in the order given
         if name not in CHILDREN:
             raise SystemExit(f"unknown measurement {name!r}: choose from {', '.join(CHILDREN)}")
@@ -875,7 +947,7 @@ def main() -> None:
             continue
         if name != "setup" and "error" in report["results"].get("setup", {}):
             break
-        if name in ("ours", "ours_again") and not spec.get("features_dir"):
+        if (name in ("ours", "ours_again") or name in VARIANTS) and not spec.get("features_dir"):
             report["results"][name] = {"skipped": "no feature cache (encode failed)"}
             continue
         result = _run_child(name, spec, workdir, min(caps[name], remaining))

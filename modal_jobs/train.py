@@ -110,6 +110,29 @@ def _progress_callback(progress_path: Path):
     return ProgressFile()
 
 
+# Python's collector, from the first step on, leaves alone what existed before it (the model's modules, the
+# compiled code, the data): a full collection otherwise walks all of them while the GPU's queue runs dry.
+FREEZE_GC_AT_TRAIN_START = True
+
+
+def _frozen_gc_callback():
+    import gc
+
+    from transformers import TrainerCallback
+
+    class FrozenGC(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if FREEZE_GC_AT_TRAIN_START:
+                gc.collect()
+                gc.freeze()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if FREEZE_GC_AT_TRAIN_START:
+                gc.unfreeze()
+
+    return FrozenGC()
+
+
 # --- levers of the cached-features path (measured by bench/train_speed.py; numbers in BENCHMARKS.md) -----
 # Without the vision tower, a step of a 4B model is short enough that Python and kernel-launch overhead and
 # unfused element-wise kernels (norms, casts, LoRA scaling) took most of it on an H100 (bench/step_breakdown.py).
@@ -125,6 +148,8 @@ FEATURES_GRADIENT_CHECKPOINTING: bool | str = "selective"
 # torch.compile each decoder layer (CUDA only; dynamic shapes): fuses element-wise work and cuts launches.
 # Compiling costs ~1-2 minutes once per process; a couple of early batches recompile (duck-sized mask shapes).
 FEATURES_COMPILE = True
+# Inductor options for the compiled layers (torch.compile's `options`; empty: its defaults).
+FEATURES_COMPILE_OPTIONS: dict[str, Any] = {}
 # Where compiled, recompute inside each compiled layer (the compiler sees both passes, the selective policy sees
 # the matmuls) rather than around it with transformers' checkpointing.
 FEATURES_RECOMPUTE_IN_COMPILED = True
@@ -707,7 +732,9 @@ def _compile_layers(model: Any, recompute: bool | str = False, backend: str = "i
     for layer in layers:
         if recompute:
             layer.forward = _recomputed(layer.forward, checkpoint_kwargs)
-        layer.compile(dynamic=True, backend=backend)
+        layer.compile(dynamic=True, backend=backend,
+                      options=dict(FEATURES_COMPILE_OPTIONS) if backend == "inductor" and FEATURES_COMPILE_OPTIONS
+                      else None)
     return True
 
 
@@ -845,7 +872,7 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
         train_dataset=rows,
         processing_class=processor,
         peft_config=peft_config,
-        callbacks=[_progress_callback(run_dir / "progress.json")],
+        callbacks=[_progress_callback(run_dir / "progress.json"), _frozen_gc_callback()],
         **collator_args,
     )
     if on_gpu and backend == "trl" and checkpointing == "selective" and not recompute_in_compiled:
