@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import itertools
 import json
 import traceback
 import warnings
@@ -54,7 +55,7 @@ def idle_report(trace_path: Path, top: int = 25) -> dict[str, Any]:
 
     busy_until = gpu[0]["ts"] + gpu[0]["dur"]
     gaps = []
-    for previous, kernel in zip(gpu, gpu[1:]):
+    for previous, kernel in itertools.pairwise(gpu):
         gap = kernel["ts"] - busy_until
         if gap >= MIN_GAP_US:
             gaps.append((gap, previous, kernel))
@@ -100,7 +101,7 @@ class SyncRecorder:
         self.frames = frames
         self.stacks: collections.Counter = collections.Counter()
 
-    def __enter__(self) -> SyncRecorder:
+    def __enter__(self):
         import torch
 
         self._catch = warnings.catch_warnings()

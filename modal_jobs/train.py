@@ -110,29 +110,6 @@ def _progress_callback(progress_path: Path):
     return ProgressFile()
 
 
-# Python's collector, from the first step on, leaves alone what existed before it (the model's modules, the
-# compiled code, the data): a full collection otherwise walks all of them while the GPU's queue runs dry.
-FREEZE_GC_AT_TRAIN_START = True
-
-
-def _frozen_gc_callback():
-    import gc
-
-    from transformers import TrainerCallback
-
-    class FrozenGC(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            if FREEZE_GC_AT_TRAIN_START:
-                gc.collect()
-                gc.freeze()
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if FREEZE_GC_AT_TRAIN_START:
-                gc.unfreeze()
-
-    return FrozenGC()
-
-
 # --- levers of the cached-features path (measured by bench/train_speed.py; numbers in BENCHMARKS.md) -----
 # Without the vision tower, a step of a 4B model is short enough that Python and kernel-launch overhead and
 # unfused element-wise kernels (norms, casts, LoRA scaling) took most of it on an H100 (bench/step_breakdown.py).
@@ -474,7 +451,9 @@ def packed_attention_masks(config: Any, inputs: dict[str, Any]) -> dict[str, Any
         packed_sequence_mask_function,
         sliding_window_overlay,
     )
-    from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
+    from transformers.models.gemma3.modeling_gemma3 import (
+        get_block_sequence_ids_for_mask,
+    )
 
     text_config = config.get_text_config()
     layer_types = set(getattr(text_config, "layer_types", None) or ())
@@ -872,7 +851,7 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
         train_dataset=rows,
         processing_class=processor,
         peft_config=peft_config,
-        callbacks=[_progress_callback(run_dir / "progress.json"), _frozen_gc_callback()],
+        callbacks=[_progress_callback(run_dir / "progress.json")],
         **collator_args,
     )
     if on_gpu and backend == "trl" and checkpointing == "selective" and not recompute_in_compiled:

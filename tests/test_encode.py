@@ -336,7 +336,11 @@ def test_packed_rows_masks_are_the_ones_transformers_builds(tiny_model_dir, tiny
         get_block_sequence_ids_for_mask,
     )
 
-    from modal_jobs.train import _head_and_backbone, merge_image_features, packed_attention_masks
+    from modal_jobs.train import (
+        _head_and_backbone,
+        merge_image_features,
+        packed_attention_masks,
+    )
 
     if shutil.which("cc") is None:  # a BlockMask on a CPU is made by compiled code
         pytest.skip("no C compiler for FlexAttention's CPU kernel")
