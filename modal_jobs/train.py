@@ -441,7 +441,7 @@ def packed_attention_masks(config: Any, inputs: dict[str, Any]) -> dict[str, Any
 
     transformers first checks on the host whether the positions are packed at all, once per mask (three times a
     forward): each check empties the GPU's queue. Here the row is packed by construction. None where the model
-    is not a Gemma-3-like one under FlexAttention; the model then builds its own masks."""
+    is not Gemma 3 under FlexAttention (these are Gemma3Model's masks); the model then builds its own."""
     from transformers.masking_utils import (
         and_masks,
         blockwise_overlay,
@@ -458,7 +458,8 @@ def packed_attention_masks(config: Any, inputs: dict[str, Any]) -> dict[str, Any
     text_config = config.get_text_config()
     layer_types = set(getattr(text_config, "layer_types", None) or ())
     token_types = inputs.get("token_type_ids")
-    if (getattr(text_config, "_attn_implementation", None) != "flex_attention" or token_types is None
+    if (getattr(config, "model_type", None) != "gemma3" or token_types is None
+            or getattr(text_config, "_attn_implementation", None) != "flex_attention"
             or not layer_types <= {"full_attention", "sliding_attention"}):
         return None
     embeds, position_ids = inputs["inputs_embeds"], inputs["position_ids"].to(inputs["inputs_embeds"].device)
