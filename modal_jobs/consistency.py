@@ -18,14 +18,21 @@ On the first `num_images` test images it compares:
                  pixel values are equal. The template text itself is not compared: TRL may swap in its
                  training variant, which renders the same prompt.
   merged         the merged model (as saved: 16-bit, the dtype it is served in) against the adapter model
-                 (base in float32 + the LoRA adapter, unmerged), teacher-forced on the adapter's greedy
-                 answer. "Differing" means either of:
+                 (the base model + the LoRA adapter, unmerged), teacher-forced on the adapter's greedy
+                 answer. The adapter model runs in `reference_dtype`: auto is bfloat16 on a GPU (the dtype the
+                 adapter was trained on, and one 16-bit 4B model fits beside the running server: float32 base
+                 + bf16 merged held together peaked at 36.2 GiB on an H200) and float32 on a CPU (the tiny
+                 model's tests calibrate the tolerances below against a float32 reference). The two models are
+                 never loaded together: the adapter model's logits are kept on the CPU and the model is freed
+                 before the merged one loads. "Differing" means either of:
                    - top-1 agreement (merged argmax = adapter's greedy token, over all positions) below
                      `min_agreement` (default 0.9): it would write different tokens;
                    - relative logit error (RMS of merged - adapter logits over the RMS of the adapter's
                      centred logits, mean over positions) above `max_logit_error` (default 0.2): it is a
-                     different function. Rounding the merged weights to bf16 costs ~0.01 on the tiny model;
-                     a merge that lost the adapter costs ~1 (the base model's error is reported beside it).
+                     different function. Rounding the merged weights to bf16 costs ~0.01 on the tiny model
+                     against a float32 reference, and stays well under 0.05 against a bf16 one (both sides
+                     rounded); a merge that lost the adapter costs ~1 (the base model's error is reported
+                     beside it).
                  Greedy texts of both are reported; they are not required to be equal, since a bf16 near-tie
                  may flip one token and everything after it.
   endpoint       (with base_url) the endpoint's greedy answer equals the merged model's local greedy answer
@@ -48,7 +55,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
@@ -87,6 +94,10 @@ class ConsistencyRequest(BaseModel):
         0.1, description="An endpoint token this close to the merged model's top logit (in logit spreads) is a near-tie."
     )
     request_timeout_s: PositiveFloat = 120.0
+    reference_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="The adapter model's dtype. auto: bfloat16 on a GPU (what training used; one 16-bit "
+        "model at a time fits beside the server), float32 on a CPU.",
+    )
 
 
 class Check(BaseModel):
@@ -258,6 +269,27 @@ def _to(inputs: dict[str, Any], device: Any, dtype: Any) -> dict[str, Any]:
     return {key: (value.to(device, dtype) if key == "pixel_values" else value.to(device)) for key, value in inputs.items()}
 
 
+def _free_memory(device: Any) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()  # PEFT's wrappers hold reference cycles: the weights go only with a collection
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _memory_report() -> dict[str, Any]:
+    """This process's peak on the GPU (the server's memory is its own process's, not counted here)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return {"device": "cpu"}
+    device = torch.cuda.current_device()
+    return {"device": torch.cuda.get_device_name(device),
+            "peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2)}
+
+
 def _ask_endpoint(request: ConsistencyRequest, images: list[Any]) -> list[dict[str, Any]]:
     from openai import OpenAI
 
@@ -319,6 +351,7 @@ def consistency(request: ConsistencyRequest) -> ConsistencyResult:
             passed=all(c.passed for c in checks), report_path=request.output_path, checks=checks,
             runtime_s=round(time.perf_counter() - started, 2),
         )
+        report["memory"] = _memory_report()
         atomic_write_json(request.output_path, {**report, **result.model_dump(mode="json")})
         print(f"consistency: {'passed' if result.passed else 'FAILED'} in {result.runtime_s} s: "
               + "; ".join(f"{c.name} {'ok' if c.passed else 'FAILED: ' + c.detail}" for c in checks), file=sys.stderr)
@@ -385,8 +418,28 @@ def consistency(request: ConsistencyRequest) -> ConsistencyResult:
     from peft import PeftModel
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    base = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    reference = request.reference_dtype
+    if reference == "auto":
+        reference = "bfloat16" if device.type == "cuda" else "float32"
+    reference_dtype = getattr(torch, reference)
+    # One model on the device at a time: first the adapter model (its answers and logits, and the base model's
+    # with the adapter disabled, kept on the CPU), freed, then the merged one.
+    base = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=reference_dtype, use_safetensors=True)
     adapter_model = PeftModel.from_pretrained(base, adapter_dir).to(device).eval()
+    lap("load_adapter_model")
+    references = []
+    for trained in train_inputs:
+        answer = _generate(adapter_model, _to(trained, device, reference_dtype), request.max_new_tokens)
+        adapter_logits = _teacher_forced(adapter_model, _to(trained, device, reference_dtype), answer)
+        with adapter_model.disable_adapter():
+            base_logits = _teacher_forced(adapter_model, _to(trained, device, reference_dtype), answer)
+            base_answer = _generate(adapter_model, _to(trained, device, reference_dtype), request.max_new_tokens)
+        references.append((answer.cpu(), adapter_logits.cpu(), base_logits.cpu(), base_answer.cpu()))
+    del adapter_model, base
+    _free_memory(device)
+    lap("adapter_model")
     try:
         # "auto": the dtype it was saved in, which is the dtype a server loads it in.
         merged = AutoModelForImageTextToText.from_pretrained(merged_dir, dtype="auto", use_safetensors=True)
@@ -394,19 +447,16 @@ def consistency(request: ConsistencyRequest) -> ConsistencyResult:
         checks.append(Check(name="merged", passed=False, detail=f"does not load: {type(error).__name__}: {error}"[:500]))
         return finish()
     merged = merged.to(device).eval()
-    lap("load_models")
+    lap("load_merged")
     agree = total = 0
     errors, base_errors, base_agree = [], [], 0
-    for sample, trained, served in zip(samples, train_inputs, served_inputs):
-        # The adapter sees the training prompt; the merged model generates from the served prompt (as the
+    for sample, trained, served, (answer, adapter_logits, base_logits, base_answer) in zip(
+        samples, train_inputs, served_inputs, references
+    ):
+        # The adapter saw the training prompt; the merged model generates from the served prompt (as the
         # server does) but is scored on the training prompt, so this check isolates the weights.
-        answer = _generate(adapter_model, _to(trained, device, torch.float32), request.max_new_tokens)
-        merged_answer = _generate(merged, _to(served, device, merged.dtype), request.max_new_tokens)
-        adapter_logits = _teacher_forced(adapter_model, _to(trained, device, torch.float32), answer)
-        merged_logits = _teacher_forced(merged, _to(trained, device, merged.dtype), answer)
-        with adapter_model.disable_adapter():
-            base_logits = _teacher_forced(adapter_model, _to(trained, device, torch.float32), answer)
-            base_answer = _generate(adapter_model, _to(trained, device, torch.float32), request.max_new_tokens)
+        merged_answer = _generate(merged, _to(served, device, merged.dtype), request.max_new_tokens).cpu()
+        merged_logits = _teacher_forced(merged, _to(trained, device, merged.dtype), answer.to(device)).cpu()
         hits = int((merged_logits.argmax(-1) == answer).sum())
         agree, total = agree + hits, total + len(answer)
         base_agree += int((base_logits.argmax(-1) == answer).sum())
@@ -423,19 +473,20 @@ def consistency(request: ConsistencyRequest) -> ConsistencyResult:
     agreement = agree / max(total, 1)
     logit_error, base_error = sum(errors) / len(errors), sum(base_errors) / len(base_errors)
     report["merged"] = {"agreement": agreement, "logit_error": logit_error, "base_agreement": base_agree / max(total, 1),
-                        "base_logit_error": base_error, "dtype": str(merged.dtype), "positions": total}
+                        "base_logit_error": base_error, "dtype": str(merged.dtype), "reference_dtype": reference,
+                        "positions": total}
     merged_problems = []
     if agreement < request.min_agreement:
         merged_problems.append(f"top-1 agreement {agreement:.3f} < {request.min_agreement}")
     if logit_error > request.max_logit_error:
         merged_problems.append(f"relative logit error {logit_error:.3f} > {request.max_logit_error}")
-    note = (f"agreement {agreement:.3f} over {total} positions, logit error {logit_error:.4f} ({merged.dtype}); "
+    note = (f"agreement {agreement:.3f} over {total} positions, logit error {logit_error:.4f} ({merged.dtype} "
+            f"against a {reference} adapter model); "
             f"base model without the adapter: agreement {base_agree / max(total, 1):.3f}, error {base_error:.3f}")
     if base_error <= request.max_logit_error:
         note += " (the adapter barely changes the model, so a merge that lost it would pass too)"
     checks.append(Check(name="merged", passed=not merged_problems,
                         detail=("; ".join(merged_problems) + ": " if merged_problems else "") + note))
-    del adapter_model, base
     lap("merged")
 
     # --- endpoint vs merged (local)
@@ -492,6 +543,7 @@ def consistency(request: ConsistencyRequest) -> ConsistencyResult:
             finish()
             raise RuntimeError(f"consistency: requests to {request.base_url} failed: {unreachable[0]}")
     del merged
+    _free_memory(device)
     return finish()
 
 
