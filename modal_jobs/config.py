@@ -62,6 +62,17 @@ class DatasetConfig(Section):
     max_bad_rows: int = Field(
         0, ge=0, description="Skip and report up to this many unusable rows instead of failing (0: any bad row fails)."
     )
+    # Left out of the saved config while unset, so the keys of every dataset prepared before it existed hold.
+    test_size: int | float | None = Field(
+        None,
+        exclude_if=lambda value: value is None,
+        description=(
+            "For a source without a test split (e.g. one parquet file with no `split` column): hold out this share "
+            "of the train split (0 < x < 1) or this many rows (an integer >= 1) as the test split, chosen with a "
+            "fixed seed and recorded in the prepared dataset's manifest. Unset: the source must have its own "
+            "test split (we never carve one out of the training data unasked)."
+        ),
+    )
     synthetic: SyntheticDatasetConfig = SyntheticDatasetConfig()
 
     @field_validator("source", "train_split", "test_split", "image_column", "text_column")
@@ -69,6 +80,17 @@ class DatasetConfig(Section):
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be empty")
+        return value
+
+    @field_validator("test_size")
+    @classmethod
+    def _share_or_count(cls, value: int | float | None) -> int | float | None:
+        if value is None:
+            return value
+        if isinstance(value, float) and not 0 < value < 1:
+            raise ValueError(f"{value} is neither a share between 0 and 1 (e.g. 0.1) nor a whole number of rows")
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"{value} rows: hold out at least 1 row, or give a share between 0 and 1 (e.g. 0.1)")
         return value
 
 

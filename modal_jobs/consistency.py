@@ -324,9 +324,9 @@ def consistency(request: ConsistencyRequest) -> ConsistencyResult:
             raise InputError(f"{what} folder {folder} has no config.json")
     if not (adapter_dir / "adapter_config.json").is_file():
         raise InputError(f"{adapter_dir} is not a LoRA adapter folder (no adapter_config.json)")
-    from datasets import load_from_disk
+    from modal_jobs.dataset import open_prepared
 
-    splits = load_from_disk(str(resolve(request.dataset_dir)))
+    splits = open_prepared(request.dataset_dir)
     if request.split not in splits:
         raise InputError(f"split {request.split!r} is not in {request.dataset_dir}")
     rows = splits[request.split].select(range(min(request.num_images, len(splits[request.split]))))

@@ -21,7 +21,13 @@ Sources (`DatasetConfig.source`), and how their splits are named:
   when that part is only digits (`train/0000.parquet` -> `train`). Files of one split are concatenated.
 - One `.parquet` file: if it has a `split` column, its values name the splits (and the column is dropped);
   otherwise the file is one split, named by the rule above. We never carve a test split out of training data
-  behind the user's back: evaluation on rows the model trained on would look like success.
+  behind the user's back: evaluation on rows the model trained on would look like success. Asked to, with
+  `dataset.test_size`, we hold out a seeded share of the train split (or of a source's only split) as `test`,
+  and the manifest records how.
+
+Sources are only read: nothing is ever written into a source folder (every `select` keeps its index in
+memory; `datasets` would otherwise put a cache-*.arrow next to the source's data and change its fingerprint).
+Stages that read a prepared dataset open it with `open_prepared`, which checks it against its manifest first.
 
 Anything that exists on disk is a local path; otherwise `owner/name` is looked up on the hub.
 """
@@ -52,6 +58,8 @@ PREPARE_VERSION = "1"
 MAX_REPORTED_BAD_ROWS = 10
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 SPLIT_COLUMN = "split"
+# dataset.test_size draws its held-out rows with this seed (the recipe's), so the same config gives the same split.
+TEST_SPLIT_SEED = 3407
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -81,7 +89,9 @@ def _locate(source: str) -> tuple[str, Path | None]:
 def _output_fields(dataset: DatasetConfig) -> dict[str, Any]:
     """The config fields, besides the source itself, that change what prepare_dataset writes (or whether it
     accepts the data at all)."""
-    return dataset.model_dump(include={"train_split", "test_split", "image_column", "text_column", "max_image_pixels"})
+    return dataset.model_dump(
+        include={"train_split", "test_split", "image_column", "text_column", "max_image_pixels", "test_size"}
+    )
 
 
 def source_fingerprint(dataset: DatasetConfig) -> str:
@@ -130,6 +140,10 @@ def _load_local(path: Path, cache_dir: str) -> dict[str, datasets.Dataset]:
                 f"dataset.source {str(path)!r}: a {path.suffix or 'suffix-less'} file is not a supported source; "
                 "give a .parquet file, a folder of parquet files, a save_to_disk folder or an image folder"
             )
+        import pyarrow.parquet as pq
+
+        if pq.ParquetFile(path).metadata.num_rows == 0:
+            raise InputError(f"dataset.source {str(path)!r}: the parquet file has no rows")
         table = _load_parquet({"file": [path]}, cache_dir)["file"]
         if SPLIT_COLUMN in table.column_names:
             return _group_by_split_column(table, path)
@@ -217,7 +231,7 @@ def _group_by_split_column(table: datasets.Dataset, path: Path) -> dict[str, dat
     groups = {}
     for value in sorted(pc.unique(names).to_pylist()):
         indices = np.flatnonzero(pc.equal(names, value).to_numpy(zero_copy_only=False))
-        groups[value] = table.select(indices).remove_columns(SPLIT_COLUMN)
+        groups[value] = table.select(indices, keep_in_memory=True).remove_columns(SPLIT_COLUMN)
     return groups
 
 
@@ -245,6 +259,51 @@ def _load(
         raise InputError(f"dataset.source {str(path)!r} could not be read: {type(error).__name__}: {error}") from error
 
 
+def _hold_out_test(
+    raw: Mapping[str, datasets.Dataset], dataset: DatasetConfig
+) -> tuple[dict[str, datasets.Dataset], dict[str, Any]]:
+    """With dataset.test_size: the train split (or the source's only split, whatever the file called it) cut
+    into train and test, seeded. The manifest gets the facts, so the held-out rows can be told apart later."""
+    if dataset.test_size is None:
+        return dict(raw), {}
+    source = dataset.source
+    if dataset.test_split in raw:
+        raise InputError(
+            f"dataset {source!r} already has a split {dataset.test_split!r} (dataset.test_split), and dataset.test_size "
+            f"asks to carve one out of the train split: unset dataset.test_size, or name another dataset.test_split"
+        )
+    if dataset.train_split in raw:
+        name = dataset.train_split
+    elif len(raw) == 1:
+        name = next(iter(raw))
+    else:
+        available = ", ".join(repr(n) for n in sorted(raw)) or "none"
+        raise InputError(
+            f"dataset {source!r} has no split {dataset.train_split!r} (dataset.train_split) to hold out "
+            f"dataset.test_size={dataset.test_size} from; its splits: {available}"
+        )
+    rows = len(raw[name])
+    held_out = dataset.test_size if isinstance(dataset.test_size, int) else round(dataset.test_size * rows)
+    if not 1 <= held_out < rows:
+        raise InputError(
+            f"dataset {source!r}: dataset.test_size={dataset.test_size} of split {name!r}'s {rows} rows leaves "
+            f"{held_out} test and {rows - held_out} train rows; both need at least one"
+        )
+    import numpy as np
+
+    # What datasets' train_test_split does, by hand: it puts its index files next to the data (in a save_to_disk
+    # source, the user's folder) even when asked to keep them in memory. Ours stay in memory.
+    order = np.random.default_rng(TEST_SPLIT_SEED).permutation(rows)
+    test = raw[name].select(order[:held_out], keep_in_memory=True)
+    train = raw[name].select(order[held_out:], keep_in_memory=True)
+    facts = {
+        "held_out_test": {"from_split": name, "test_size": dataset.test_size, "seed": TEST_SPLIT_SEED,
+                          "rows": {"train": len(train), "test": len(test)}},
+    }
+    kept = {other: split for other, split in raw.items() if other != name}
+    return {**kept, dataset.train_split: train, dataset.test_split: test}, facts
+
+
 # --- checks -------------------------------------------------------------------------------------------
 
 
@@ -266,8 +325,16 @@ def _pick(raw: Mapping[str, datasets.Dataset], dataset: DatasetConfig) -> dict[s
     requested = (("train", dataset.train_split, "train_split"), ("test", dataset.test_split, "test_split"))
     for canonical, name, field in requested:
         if name not in raw:
+            hint = ""
+            if canonical == "test" and dataset.train_split in raw:
+                hint = (f"; or set dataset.test_size (e.g. 0.1) to hold out a seeded share of "
+                        f"{dataset.train_split!r} as the test split")
+            elif len(raw) == 1:
+                hint = (f"; the source is one split ({available}: a single parquet file without a {SPLIT_COLUMN!r} "
+                        "column is named after the file): set dataset.test_size (e.g. 0.1) to split it into train "
+                        "and test, seeded")
             raise InputError(
-                f"dataset {source!r} has no split {name!r} (dataset.{field}); its splits: {available}"
+                f"dataset {source!r} has no split {name!r} (dataset.{field}); its splits: {available}{hint}"
             )
         split = raw[name]
         if len(split) == 0:
@@ -394,7 +461,7 @@ def _drop_bad_rows(
     for canonical, split in picked.items():
         skip = bad_rows.get(canonical) or {}
         if skip:
-            split = split.select([i for i in range(len(split)) if i not in skip])
+            split = split.select([i for i in range(len(split)) if i not in skip], keep_in_memory=True)
             if len(split) == 0:
                 raise InputError(f"dataset {dataset.source!r}: every row of split {canonical!r} is unusable")
         kept[canonical] = split
@@ -408,7 +475,9 @@ def _workers() -> int:
     return max(1, min(cores, 8))
 
 
-def _canonical(picked: Mapping[str, datasets.Dataset], dataset: DatasetConfig, key: str) -> datasets.DatasetDict:
+def _canonical(
+    picked: Mapping[str, datasets.Dataset], dataset: DatasetConfig, key: str, cache_dir: str
+) -> datasets.DatasetDict:
     import datasets
 
     out = {}
@@ -418,11 +487,51 @@ def _canonical(picked: Mapping[str, datasets.Dataset], dataset: DatasetConfig, k
         renames = {old: new for old, new in renames.items() if old != new}
         if renames:  # all at once, so swapped names (image <-> text) cannot collide
             split = split.rename_columns(renames)
-        split = split.cast_column("image", datasets.Image()).cast_column("text", datasets.Value("string"))
+        split = split.cast_column("image", datasets.Image())
+        if split.features["text"] != datasets.Value("string"):  # e.g. large_string, as pandas writes parquet
+            # A cast of a plain column goes through `map`, whose copy datasets puts next to the split's data: for
+            # a save_to_disk source that is the user's folder. Put it in the scratch folder instead.
+            features = split.features.copy()
+            features["text"] = datasets.Value("string")
+            split = split.cast(features, cache_file_name=str(Path(cache_dir) / f"text-as-string-{canonical}.arrow"))
         # A fingerprint derived from the source key rather than from the loader's cache paths: the saved
         # state.json, and with it the output's content hash, is then the same every time for the same input.
         out[canonical] = split.select_columns(["image", "text"], new_fingerprint=short_hash([key, canonical]))
     return datasets.DatasetDict(out)
+
+
+# --- reading a prepared dataset (train, encode_images, evaluate, consistency) ---------------------------
+
+
+def open_prepared(dataset_dir: str | Path) -> datasets.DatasetDict:
+    """The prepared dataset at `dataset_dir` (storage-relative or absolute), read-only.
+
+    A finished output is first checked against its manifest (storage.verify_output: a stat call per file when
+    nothing changed), so a damaged shard is named before any row of it is used, and a damaged file that
+    cannot even be opened is an InputError naming the folder and the fix, not an OSError a retry would repeat.
+    Callers must keep it read-only: a `map` or a non-contiguous `select` needs `keep_in_memory=True` or a
+    `cache_file_name` outside the folder (storage.dataset_cache_dir), or `datasets` writes into it.
+    """
+    import datasets
+
+    from modal_jobs.storage import resolve, verify_output
+
+    path = resolve(dataset_dir)
+    if not path.is_dir():
+        raise InputError(f"prepared dataset {path} does not exist or is not a folder: run prepare_dataset first")
+    check = verify_output(path)
+    if check.state == "mismatch":
+        raise InputError(
+            f"prepared dataset {check.describe()}, so it is not used: run the pipeline again (its prepare_dataset "
+            "stage sees the mismatch and rebuilds it)"
+        )
+    try:
+        return datasets.load_from_disk(str(path))
+    except Exception as error:  # a damaged arrow file or JSON: pyarrow and datasets raise many types for it
+        raise InputError(
+            f"prepared dataset {path} cannot be read ({type(error).__name__}: {error}): delete the folder and run "
+            "the pipeline again; its prepare_dataset stage rebuilds it"
+        ) from error
 
 
 # --- the job ------------------------------------------------------------------------------------------
@@ -459,9 +568,11 @@ def prepare_dataset(request: PrepareDatasetRequest) -> PrepareDatasetResult:
     key = source_fingerprint(dataset)
     with _scratch() as cache_dir:
         raw, facts = _load(dataset, kind, path, cache_dir)
+        raw, held_out = _hold_out_test(raw, dataset)
+        facts.update(held_out)
         picked = _pick(raw, dataset)
         bad_rows = _validate(picked, dataset)
-        prepared = _canonical(_drop_bad_rows(picked, bad_rows, dataset), dataset, key)
+        prepared = _canonical(_drop_bad_rows(picked, bad_rows, dataset), dataset, key, cache_dir)
         splits = {name: len(split) for name, split in prepared.items()}
         manifest: dict[str, Any] = {
             "stage": STAGE,

@@ -379,8 +379,9 @@ def encode_images(request: EncodeRequest) -> EncodeResult:
         raise InputError(f"model folder {model_dir} has no config.json")
 
     import torch
-    from datasets import load_from_disk
     from transformers import AutoProcessor
+
+    from modal_jobs.dataset import open_prepared
 
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=request.model.trust_remote_code)
     dtype_name = compute_dtype(request.model)
@@ -395,7 +396,7 @@ def encode_images(request: EncodeRequest) -> EncodeResult:
             )
         return EncodeResult.model_validate({**manifest["result"], "cached": True})
 
-    dataset = load_from_disk(str(dataset_dir))
+    dataset = open_prepared(dataset_dir)
     if request.split not in dataset:
         raise InputError(f"prepared dataset {dataset_dir} has no split {request.split!r} (it has {list(dataset)})")
     split = dataset[request.split].select_columns(["image"])

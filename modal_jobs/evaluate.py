@@ -54,12 +54,12 @@ def _api_key(request: EvaluateRequest) -> str:
 
 
 def _open_split(request: EvaluateRequest) -> Any:
-    from datasets import load_from_disk
+    from modal_jobs.dataset import open_prepared
 
     path = resolve(request.dataset_dir)
     if not path.is_dir():
         raise InputError(f"dataset_dir {path} is not a folder: run prepare_dataset first")
-    splits = load_from_disk(str(path))
+    splits = open_prepared(path)
     if request.split not in splits:
         raise InputError(f"split {request.split!r} is not in {path}; it has {', '.join(splits)}")
     split = splits[request.split]

@@ -45,7 +45,35 @@ def result_type(stage: str) -> type[BaseModel]:
     return JOBS[stage][3]
 
 
+def output_location(request: BaseModel) -> str | None:
+    """The storage-relative folder (with its manifest) or file a request's job writes, when the request names
+    it; the same rule as tasks.stages.output_location."""
+    if isinstance(request, schemas.TrainRequest):
+        return request.adapter_dir
+    return getattr(request, "output_dir", None) or getattr(request, "output_path", None)
+
+
+def discard_if_corrupted(stage: str, request: BaseModel) -> str | None:
+    """Every job reuses a finished output it finds at its location (and says `cached`); one whose files no
+    longer match its manifest must be recomputed instead, never served. Returns the warning, if any."""
+    import sys
+
+    from modal_jobs.storage import discard_output, verify_output
+
+    location = output_location(request)
+    if not location:
+        return None
+    check = verify_output(location)
+    if check.state != "mismatch":
+        return None
+    warning = f"warning: {stage}: {check.describe()}; not reused: recomputing it"
+    print(warning, file=sys.stderr)
+    discard_output(location)
+    return warning
+
+
 def run_job(stage: str, request: BaseModel | dict[str, Any]) -> BaseModel:
     """Validate the request and run the stage's job function here, in this process."""
     typed = request_type(stage).model_validate(request if isinstance(request, dict) else request.model_dump())
+    discard_if_corrupted(stage, typed)
     return job_function(stage)(typed)

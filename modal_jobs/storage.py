@@ -15,8 +15,9 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 MANIFEST_NAME = "vlmpipe_manifest.json"
 _CHUNK_BYTES = 64 * 1024 * 1024  # hashed independently, so one large safetensors file still uses every core
@@ -87,6 +88,12 @@ def keep_compiled_kernels() -> str:
     return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
+def dataset_cache_dir(dataset_dir: str | Path) -> Path:
+    """Where `datasets` cache files made from a prepared dataset go (a formatted copy of its rows): beside the
+    outputs, never inside one, because a finished output must keep matching its manifest."""
+    return storage_root() / "cache" / "datasets" / Path(dataset_dir).name
+
+
 def read_manifest(output_dir: str | Path) -> dict[str, Any] | None:
     path = resolve(output_dir) / MANIFEST_NAME
     try:
@@ -96,7 +103,77 @@ def read_manifest(output_dir: str | Path) -> dict[str, Any] | None:
 
 
 def is_complete(output_dir: str | Path) -> bool:
+    """A manifest is there (cheap; says nothing about the files: `verify_output` checks those)."""
     return read_manifest(output_dir) is not None
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """What `verify_output` found at a stage's output location."""
+
+    path: Path
+    state: Literal["intact", "file", "missing", "unfinished", "mismatch"]
+    expected: str | None = None  # the manifest's content fingerprint
+    actual: str | None = None  # the files' fingerprint now
+
+    @property
+    def usable(self) -> bool:
+        """A cache hit may hand this output back."""
+        return self.state in ("intact", "file")
+
+    def describe(self) -> str:
+        if self.state == "mismatch":
+            return (
+                f"{self.path} no longer matches its manifest (content fingerprint {self.expected} when written, "
+                f"{self.actual} now): its files were changed or corrupted after it was finished"
+            )
+        if self.state == "unfinished":
+            return f"{self.path} has no {MANIFEST_NAME}: not a finished output"
+        return f"{self.path}: {self.state}"
+
+
+def verify_output(location: str | Path, full: bool | None = None) -> OutputCheck:
+    """Whether a stage's output may be served from the cache: a file (evals/<key>.json: no manifest, so
+    nothing to check beyond its being there), or a folder whose files still hash to its manifest's
+    `content_fingerprint` (a folder without a manifest is not an output at all).
+
+    Cost: each file is looked up in the fingerprint memo by (path, size, mtime, ctime, inode) and read again
+    only when one of those changed, so checking an unchanged multi-GB folder costs a stat call per file.
+    That catches every change made through the filesystem: a rewrite, a truncation, a file added or removed,
+    a file replaced by a copy, and an in-place edit even when its mtime is put back with `os.utime` (which
+    sets ctime to now; nothing but the kernel sets ctime). It cannot catch a change below the filesystem
+    (a bit flipped on the medium, a block device written directly) or one on a filesystem that keeps no
+    honest ctime. `full=True` (or VLMPIPE_VERIFY=full in the environment) re-reads every byte instead.
+    """
+    path = resolve(location)
+    if path.is_file():
+        return OutputCheck(path, "file")
+    if not path.exists():
+        return OutputCheck(path, "missing")
+    manifest = read_manifest(path)
+    if manifest is None:
+        return OutputCheck(path, "unfinished")
+    expected = manifest.get("content_fingerprint")
+    if not expected:  # written before manifests carried one: nothing to compare with
+        return OutputCheck(path, "intact")
+    if full is None:
+        full = os.environ.get("VLMPIPE_VERIFY", "").lower() == "full"
+    actual = fingerprint_path(path, memo=not full)
+    return OutputCheck(path, "intact" if actual == expected else "mismatch", expected, actual)
+
+
+def discard_output(location: str | Path) -> None:
+    """Take a finished output out of the cache. Renamed aside first, so no reader ever sees a half-deleted
+    folder that still has its manifest."""
+    path = resolve(location)
+    if not path.exists():
+        return
+    aside = path.parent / f".tmp-discarded-{path.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return  # another process took it away first
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 @contextmanager
@@ -113,7 +190,9 @@ def atomic_output(final_dir: str | Path, manifest: dict[str, Any]) -> Iterator[P
     try:
         yield tmp_dir
         manifest.setdefault("created_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        manifest["content_fingerprint"] = fingerprint_path(tmp_dir, memo=False)
+        files = _files_under(tmp_dir)
+        digests = _file_digests(files, memo_table=None)
+        manifest["content_fingerprint"] = _combine(tmp_dir, files, digests)
         (tmp_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         if final_dir.exists() and not is_complete(final_dir):
             # A leftover without a manifest is not an output: replace it.
@@ -124,8 +203,11 @@ def atomic_output(final_dir: str | Path, manifest: dict[str, Any]) -> Iterator[P
             if is_complete(final_dir):
                 # Another run with the same key finished first; the outputs are equivalent, keep theirs.
                 shutil.rmtree(tmp_dir, ignore_errors=True)
-            else:
-                raise
+                return
+            raise
+        # The files were just hashed: remember them under their final names, so the first cache hit's
+        # verification (verify_output) costs stat calls, not another read of a multi-GB folder.
+        _remember(final_dir, {final_dir / f.relative_to(tmp_dir): d for f, d in digests.items()})
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
@@ -176,6 +258,19 @@ def _load_memo() -> dict[str, list[Any]]:
         return {}
 
 
+def _save_memo(memo_table: dict[str, list[Any]]) -> None:
+    try:
+        atomic_write_json(_memo_path(), memo_table)
+    except OSError:
+        pass  # the memo is an optimisation; a read-only root only costs a re-hash
+
+
+def _stat_key(stat: os.stat_result) -> list[int]:
+    # ctime and inode as well as size and mtime: an edit whose mtime was put back (os.utime) still moves ctime,
+    # and a file replaced by another (a copy renamed over it) has another inode.
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+
+
 def _files_under(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
@@ -184,28 +279,22 @@ def _files_under(path: Path) -> list[Path]:
     )
 
 
-def fingerprint_path(path: str | Path, memo: bool = True, workers: int | None = None) -> str:
-    """xxh3-128 content hash of a file or folder (relative names + bytes), chunks hashed in parallel.
-
-    With `memo`, a file whose (path, size, mtime) is unchanged since it was last hashed is not read again,
-    so re-fingerprinting an unchanged multi-GB model folder costs a few stat calls.
-    """
+def _file_digests(
+    files: list[Path], memo_table: dict[str, list[Any]] | None, workers: int | None = None
+) -> dict[Path, str]:
+    """file -> xxh3-128 of its bytes. With a memo table, files whose stat key it holds are not read, and the
+    files that were read are added to it (and the table saved)."""
     import xxhash
 
-    path = Path(path).resolve()
-    if not path.exists():
-        raise FileNotFoundError(f"cannot fingerprint {path}: it does not exist")
-    files = _files_under(path)
-    memo_table = _load_memo() if memo else {}
-    file_digests: dict[Path, str] = {}
+    digests: dict[Path, str] = {}
     jobs: list[tuple[Path, int, int]] = []
-    stats: dict[Path, os.stat_result] = {}
+    keys: dict[Path, list[int]] = {}
     for file in files:
         stat = file.stat()
-        stats[file] = stat
-        cached = memo_table.get(str(file))
-        if cached and cached[0] == stat.st_size and cached[1] == stat.st_mtime_ns:
-            file_digests[file] = cached[2]
+        keys[file] = _stat_key(stat)
+        cached = (memo_table or {}).get(str(file))
+        if cached and cached[:-1] == keys[file]:
+            digests[file] = cached[-1]
             continue
         jobs.extend((file, offset, _CHUNK_BYTES) for offset in range(0, max(stat.st_size, 1), _CHUNK_BYTES))
     if jobs:
@@ -214,20 +303,52 @@ def fingerprint_path(path: str | Path, memo: bool = True, workers: int | None = 
         per_file: dict[Path, list[bytes]] = {}
         for (file, _, _), digest in zip(jobs, chunk_digests):
             per_file.setdefault(file, []).append(digest)
-        for file, digests in per_file.items():
-            file_digests[file] = xxhash.xxh3_128_hexdigest(b"".join(digests))
-            if memo:
-                memo_table[str(file)] = [stats[file].st_size, stats[file].st_mtime_ns, file_digests[file]]
-        if memo:
-            try:
-                atomic_write_json(_memo_path(), memo_table)
-            except OSError:
-                pass  # the memo is an optimisation; a read-only root only costs a re-hash
+        for file, parts in per_file.items():
+            digests[file] = xxhash.xxh3_128_hexdigest(b"".join(parts))
+            if memo_table is not None:
+                memo_table[str(file)] = [*keys[file], digests[file]]
+        if memo_table:
+            _save_memo(memo_table)
+    return digests
+
+
+def _combine(path: Path, files: list[Path], digests: dict[Path, str]) -> str:
+    import xxhash
+
     total = xxhash.xxh3_128()
     base = path if path.is_dir() else path.parent
     for file in files:
-        total.update(file.relative_to(base).as_posix().encode() + b"\0" + file_digests[file].encode() + b"\n")
+        total.update(file.relative_to(base).as_posix().encode() + b"\0" + digests[file].encode() + b"\n")
     return total.hexdigest()
+
+
+def _remember(folder: Path, digests: dict[Path, str]) -> None:
+    """Record digests computed elsewhere (files hashed before a rename) in the memo, under `folder`'s resolved
+    path as fingerprint_path names them."""
+    memo_table = _load_memo()
+    base = folder.resolve()
+    for file, digest in digests.items():
+        named = base / file.relative_to(folder)
+        try:
+            memo_table[str(named)] = [*_stat_key(named.stat()), digest]
+        except FileNotFoundError:
+            return  # the folder went away (another run replaced it): nothing worth remembering
+    _save_memo(memo_table)
+
+
+def fingerprint_path(path: str | Path, memo: bool = True, workers: int | None = None) -> str:
+    """xxh3-128 content hash of a file or folder (relative names + bytes), chunks hashed in parallel.
+
+    With `memo`, a file whose (path, size, mtime, ctime, inode) is unchanged since it was last hashed is not
+    read again, so re-fingerprinting an unchanged multi-GB model folder costs a few stat calls (what that
+    can and cannot notice: see verify_output).
+    """
+    path = Path(path).resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"cannot fingerprint {path}: it does not exist")
+    files = _files_under(path)
+    digests = _file_digests(files, _load_memo() if memo else None, workers)
+    return _combine(path, files, digests)
 
 
 def short_hash(payload: Any, length: int = 16) -> str:

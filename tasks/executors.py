@@ -25,7 +25,7 @@ from modal_jobs.config import Executor as ExecutorName
 from modal_jobs.config import ModalConfig, PipelineConfig
 from modal_jobs.errors import INPUT_ERROR_TYPES, InputError
 from modal_jobs.jobs import result_type
-from modal_jobs.storage import is_complete, resolve, storage_root
+from modal_jobs.storage import resolve, storage_root, verify_output
 
 PollCallback = Callable[[], None]
 POLL_INTERVAL_S = 1.0
@@ -95,8 +95,17 @@ class LocalExecutor:
         return resolve(path).read_text()
 
     def output_exists(self, location: str) -> bool:
-        path = resolve(location)
-        return is_complete(path) if not path.suffix else path.exists()
+        # Verified, not just present: a folder whose files no longer match its manifest is recomputed, and
+        # the run says so (storage.verify_output says what the cheap check can and cannot notice).
+        check = verify_output(location)
+        if check.state == "mismatch":
+            try:
+                from prefect import get_run_logger
+
+                get_run_logger().warning("%s; not reused: recomputing it", check.describe())
+            except Exception:  # outside a flow or task run: no run logger to tell
+                print(f"warning: {check.describe()}; not reused: recomputing it", file=sys.stderr)
+        return check.usable
 
     def run(self, stage: str, request: BaseModel, on_poll: PollCallback | None = None) -> BaseModel:
         logs = storage_root() / "logs"

@@ -361,3 +361,123 @@ def test_import_is_light():
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
+
+
+# --- sources are only read; one file without a split column; an empty file -----------------------------
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every path under a folder (folders too) with its bytes: what 'unchanged' means for a source."""
+    return {p.relative_to(folder).as_posix(): (p.read_bytes() if p.is_file() else b"<dir>") for p in folder.rglob("*")}
+
+
+def _save_to_disk_with_large_string_text(tmp_path, small):
+    import datasets
+
+    folder = tmp_path / "saved-large"
+    # large_string text (as pandas writes it) and one blank row (skipped by max_bad_rows): a cast and a select,
+    # each of which datasets would write into the source folder by default.
+    train = _with_rows(small["train"], {2: {"text": " "}}).cast_column("text", datasets.Value("large_string"))
+    datasets.DatasetDict({"train": train, "test": small["test"]}).save_to_disk(str(folder))
+    return folder, {"max_bad_rows": 1}
+
+
+def _single_parquet_with_split_column(tmp_path, small):
+    import datasets
+
+    (tmp_path / "src").mkdir()
+    file = tmp_path / "src" / "all.parquet"
+    datasets.concatenate_datasets(
+        [small["train"].add_column("split", ["train"] * 20), small["test"].add_column("split", ["test"] * 5)]
+    ).to_parquet(str(file))
+    return file, {}
+
+
+def _single_parquet_to_split(tmp_path, small):
+    (tmp_path / "src").mkdir()
+    file = tmp_path / "src" / "data.parquet"
+    small["train"].to_parquet(str(file))
+    return file, {"test_size": 0.25}
+
+
+READ_ONLY_SOURCES = {
+    "save_to_disk folder": _save_to_disk_with_large_string_text,
+    "single parquet file with a split column": _single_parquet_with_split_column,
+    "single parquet file split by test_size": _single_parquet_to_split,
+}
+
+
+@pytest.mark.parametrize("case", list(READ_ONLY_SOURCES))
+def test_a_source_is_never_written_to(case, tmp_path, small):
+    source, fields = READ_ONLY_SOURCES[case](tmp_path, small)
+    folder = source if source.is_dir() else source.parent
+    before = _snapshot(folder)
+    _, result = _prepare(source, **fields)
+    assert not result.cached
+    assert _snapshot(folder) == before
+    # The prepared output is what its manifest says, too.
+    assert storage.verify_output(result.path, full=True).state == "intact"
+
+
+def test_an_empty_parquet_file_says_it_has_no_rows(tmp_path, small):
+    import pyarrow.parquet as pq
+
+    file = tmp_path / "empty.parquet"
+    pq.write_table(small["train"].add_column("split", ["train"] * 20).data.table.slice(0, 0), file)
+    with pytest.raises(InputError) as caught:
+        _prepare(file)
+    assert "empty.parquet" in str(caught.value) and "has no rows" in str(caught.value)
+
+
+def test_one_parquet_file_without_a_split_column_names_test_size(tmp_path, small):
+    file = tmp_path / "data.parquet"
+    small["train"].to_parquet(str(file))
+    with pytest.raises(InputError) as caught:
+        _prepare(file)
+    assert "'data'" in str(caught.value) and "dataset.test_size" in str(caught.value)
+    named = tmp_path / "train.parquet"
+    small["train"].to_parquet(str(named))
+    with pytest.raises(InputError) as caught:
+        _prepare(named)
+    assert "no split 'test'" in str(caught.value) and "dataset.test_size" in str(caught.value)
+
+
+def test_test_size_holds_out_a_seeded_share_recorded_in_the_manifest(tmp_path, small):
+    file = tmp_path / "data.parquet"
+    small["train"].to_parquet(str(file))
+    request, result = _prepare(file, test_size=0.25)
+    assert result.splits == {"train": 15, "test": 5}
+    prepared = _load_prepared(result)
+    train_texts, test_texts = list(prepared["train"]["text"]), list(prepared["test"]["text"])
+    _assert_canonical(prepared, train_texts, test_texts)
+    assert sorted(train_texts + test_texts) == sorted(small["train"]["text"])
+    held_out = storage.read_manifest(result.path)["held_out_test"]
+    assert held_out == {"from_split": "data", "test_size": 0.25, "seed": 3407, "rows": {"train": 15, "test": 5}}
+
+    # Seeded: the same config holds out the same rows; a count works as well as a share.
+    _, again = _prepare(file, output_dir="datasets/again", test_size=0.25)
+    assert again.fingerprint == result.fingerprint
+    _, counted = _prepare(file, output_dir="datasets/counted", test_size=5)
+    assert sorted(_load_prepared(counted)["test"]["text"]) == sorted(prepared["test"]["text"])
+    # It is part of the key: without it the same file is another (here: unusable) dataset.
+    assert source_fingerprint(request.dataset) != source_fingerprint(
+        request.dataset.model_copy(update={"test_size": 0.5})
+    )
+
+
+def test_test_size_problems_are_named(tmp_path, small):
+    import datasets
+
+    folder = tmp_path / "both"
+    datasets.DatasetDict({"train": small["train"], "test": small["test"]}).save_to_disk(str(folder))
+    with pytest.raises(InputError, match="already has a split 'test'.*unset dataset.test_size"):
+        _prepare(folder, test_size=0.1)
+    file = tmp_path / "data.parquet"
+    small["train"].to_parquet(str(file))
+    with pytest.raises(InputError, match="test_size=0.01 of split 'data''s 20 rows leaves 0 test"):
+        _prepare(file, test_size=0.01)
+    for bad in (0, 1.0, 1.5, -2):
+        with pytest.raises(ValueError, match="test_size"):
+            DatasetConfig(source=str(file), test_size=bad)
+    # Unset, it is not in the saved config, so the keys of datasets prepared before it existed still hold.
+    assert "test_size" not in DatasetConfig().model_dump()
