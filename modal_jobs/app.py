@@ -55,58 +55,49 @@ WEB_STARTUP_TIMEOUT_S = 5 * MINUTES  # loading 8.6 GB of weights onto an L40S ta
 POINTER_POLL_S = 15  # how often a serving container checks whether it should hand over to a new model
 SERVE_READY_TIMEOUT_S = 12 * MINUTES  # a cold start, plus an old container draining and handing over
 
-# --- pinned versions ---------------------------------------------------------------------------------------
-# The training image gets exactly what Unsloth 2026.10.9 accepts (transformers <= 5.17, trl <= 1.15,
-# datasets < 5): the same pins as pyproject.toml except trl, which is 1.16 there only because 1.15's SFTTrainer
-# has no CPU loss path.
-# torch 2.13.0 on PyPI is a CUDA 13 build for Linux, hence the CUDA 13.0 toolkit in the base image (Triton and
-# bitsandbytes find a matching ptxas/nvcc). These are also the train key's library versions for a Modal run.
+# --- images, from committed lock files -----------------------------------------------------------------------
+# Each image installs exactly its lock, modal_jobs/locks/<image>.txt: every package, dependencies included, at
+# one version, resolved by uv for the image's Python and platform from the direct requirements in <image>.in
+# (whose comments say why each pin is what it is). Regenerate with `python -m scripts.lock_images`;
+# tests/test_modal_images.py checks that every module each Modal function imports is in its image's lock.
+#   cpu:  prepare_dataset, prepare_model, export (the merge), serve, evaluate     Python 3.11
+#   gpu:  encode_images, train, consistency (Unsloth 2026.10.9's stack)           Python 3.11
+#   vllm: the production endpoint and each evaluation's vLLM Sandbox              Python 3.12 (vLLM 0.33's wheels)
 PYTHON_VERSION = "3.11"
-CUDA_BASE_IMAGE = "nvidia/cuda:13.0.1-devel-ubuntu22.04"
-GPU_IMAGE_PINS: dict[str, str] = {
-    "torch": "2.13.0",
-    "torchvision": "0.28.0",  # the release built against torch 2.13.0 (Unsloth imports it)
-    "unsloth": "2026.10.9",
-    "unsloth_zoo": "2026.10.9",
-    "transformers": "5.17.0",
-    "trl": "1.15.0",
-    "peft": "0.21.2",
-    "datasets": "4.8.5",
-    "accelerate": "1.15.0",
-    "bitsandbytes": "0.50.2",
-    "wandb": "0.31.0",  # used only when the Secret has WANDB_API_KEY (modal_jobs.train._report_to)
-}
-# vLLM brings its own torch (a CUDA 13 build too); transformers is held at the training version so the
-# tokenizer and processor behave as they did in training (vLLM 0.33 accepts 5.16.1 to 5.20).
 VLLM_PYTHON_VERSION = "3.12"
-VLLM_IMAGE_PINS: dict[str, str] = {"vllm": "0.33.0", "transformers": "5.17.0"}
-# The CPU stages (data, model download, evaluation) need no CUDA: torch comes from PyTorch's CPU index
-# (the default PyPI build is a ~5 GB CUDA wheel); it is only used to build the built-in tiny model.
-CPU_IMAGE_PINS: dict[str, str] = {
-    "transformers": "5.17.0",
-    "datasets": "4.8.5",
-    "matplotlib": "3.11.2",
-    "openai": "3.57.0",
-    "jiwer": "4.0.0",
-}
-CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
-# What modal_jobs itself imports, in every image.
-PROJECT_PINS: dict[str, str] = {
-    "pydantic": "2.14.4",
-    "pyyaml": "6.0.4",
-    "xxhash": "4.1.0",
-    "pillow": "13.0.0",
-    "safetensors": "0.8.0",
-    "huggingface_hub": "1.33.0",
-    "hf-xet": "1.8.0",
-}
+IMAGE_PYTHON: dict[str, str] = {"cpu": PYTHON_VERSION, "gpu": PYTHON_VERSION, "vllm": VLLM_PYTHON_VERSION}
+# Modal runs x86_64 Linux; manylinux_2_28 wheels install on both bases (Debian 12 and Ubuntu 22.04 glibc).
+LOCK_PLATFORM = "x86_64-manylinux_2_28"
+LOCKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "locks")
+# torch 2.13.0 on PyPI is a CUDA 13 build for Linux (in every lock), hence the CUDA 13.0 toolkit in the GPU base
+# images (Triton and bitsandbytes find a matching ptxas/nvcc).
+CUDA_BASE_IMAGE = "nvidia/cuda:13.0.1-devel-ubuntu22.04"
 
 
-def _requirements(*pins: dict[str, str]) -> list[str]:
-    merged: dict[str, str] = {}
-    for table in pins:
-        merged.update(table)
-    return [f"{name}=={version}" for name, version in merged.items()]
+def lock_path(image: str) -> str:
+    """The lock file of an image ("cpu", "gpu", "vllm"); an absolute path, so `modal deploy` works from anywhere."""
+    return os.path.join(LOCKS_DIR, f"{image}.txt")
+
+
+def lock_pins(image: str) -> dict[str, str]:
+    """Every package of an image's lock -> its version, names with '_' for '-' (as NUMERICS_LIBRARIES and
+    import names spell them: unsloth_zoo, huggingface_hub)."""
+    pins: dict[str, str] = {}
+    with open(lock_path(image)) as lock:
+        for line in lock:
+            requirement = line.split("#", 1)[0].split(";", 1)[0].strip()
+            if "==" in requirement:
+                name, version = requirement.split("==", 1)
+                pins[name.strip().lower().replace("-", "_").replace(".", "_")] = version.strip()
+    return pins
+
+
+def __getattr__(name: str) -> Any:
+    # GPU_IMAGE_PINS: the GPU image's versions, which are the train key's library versions for a Modal run
+    # (tasks/modal_executor.py). Read on first use, not at import: containers get modal_jobs' .py files only.
+    if name == "GPU_IMAGE_PINS":
+        return lock_pins("gpu")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 CONTAINER_ENV = {
@@ -117,8 +108,7 @@ CONTAINER_ENV = {
 
 cpu_image = (
     modal.Image.debian_slim(python_version=PYTHON_VERSION)
-    .uv_pip_install(f"torch=={GPU_IMAGE_PINS['torch']}", index_url=CPU_TORCH_INDEX)
-    .uv_pip_install(*_requirements(PROJECT_PINS, CPU_IMAGE_PINS))
+    .uv_pip_install(requirements=[lock_path("cpu")])
     .env(CONTAINER_ENV)
     .add_local_python_source("modal_jobs")
 )
@@ -126,7 +116,7 @@ cpu_image = (
 gpu_image = (
     modal.Image.from_registry(CUDA_BASE_IMAGE, add_python=PYTHON_VERSION)
     .entrypoint([])  # the CUDA image's entrypoint only prints a banner
-    .uv_pip_install(*_requirements(PROJECT_PINS, GPU_IMAGE_PINS))
+    .uv_pip_install(requirements=[lock_path("gpu")])
     .env(CONTAINER_ENV)
     .add_local_python_source("modal_jobs")
 )
@@ -134,7 +124,7 @@ gpu_image = (
 vllm_image = (
     modal.Image.from_registry(CUDA_BASE_IMAGE, add_python=VLLM_PYTHON_VERSION)
     .entrypoint([])
-    .uv_pip_install(*_requirements(PROJECT_PINS, VLLM_IMAGE_PINS))
+    .uv_pip_install(requirements=[lock_path("vllm")])
     # FlashInfer's sampler compiles kernels with nvcc on first use; vLLM's own sampler needs no compiler.
     .env({**CONTAINER_ENV, "VLLM_USE_FLASHINFER_SAMPLER": "0"})
     .add_local_python_source("modal_jobs")

@@ -159,10 +159,15 @@ def test_images_pin_the_unsloth_stack_and_vllm():
         "unsloth": "2026.10.9", "unsloth_zoo": "2026.10.9", "trl": "1.15.0", "transformers": "5.17.0",
         "peft": "0.21.2", "datasets": "4.8.5",
     }
-    assert modal_app.VLLM_IMAGE_PINS["vllm"] and modal_app.VLLM_IMAGE_PINS["transformers"] == "5.17.0"
+    # The server's tokenizer and processor are the training ones.
+    vllm = modal_app.lock_pins("vllm")
+    assert vllm["vllm"] == "0.33.0" and vllm["transformers"] == pins["transformers"] == "5.17.0"
     assert "devel" in modal_app.CUDA_BASE_IMAGE
-    for requirement in modal_app._requirements(modal_app.PROJECT_PINS, pins, modal_app.VLLM_IMAGE_PINS):
-        assert "==" in requirement, requirement
+    # Each image installs its lock, and every line of a lock is one exact version (tests/test_modal_images.py
+    # checks what each function imports against it).
+    for image in ("cpu", "gpu", "vllm"):
+        lines = [line.split("#", 1)[0].strip() for line in Path(modal_app.lock_path(image)).read_text().splitlines()]
+        assert all("==" in line for line in lines if line), image
 
 
 def test_gpu_types_and_app_name_come_from_the_environment_at_deploy_time(tmp_path):
