@@ -66,7 +66,7 @@ SERVE_READY_TIMEOUT_S = 12 * MINUTES  # a cold start, plus an old container drai
 PYTHON_VERSION = "3.11"
 VLLM_PYTHON_VERSION = "3.12"
 IMAGE_PYTHON: dict[str, str] = {"cpu": PYTHON_VERSION, "gpu": PYTHON_VERSION, "vllm": VLLM_PYTHON_VERSION}
-# Modal runs x86_64 Linux; manylinux_2_28 wheels install on both bases (Debian 12 and Ubuntu 22.04 glibc).
+# Modal runs x86_64 Linux; manylinux_2_28 wheels install on every base here (glibc 2.35 or newer).
 LOCK_PLATFORM = "x86_64-manylinux_2_28"
 LOCKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "locks")
 # torch 2.13.0 on PyPI is a CUDA 13 build for Linux (in every lock), hence the CUDA 13.0 toolkit in the GPU base

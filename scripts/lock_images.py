@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 RUN_AS = "python -m scripts.lock_images"
+REPO = Path(__file__).resolve().parent.parent
 
 
 def uv_executable() -> str:
@@ -34,7 +35,8 @@ def uv_executable() -> str:
 def compile_command(image: str, upgrade: bool) -> list[str]:
     from modal_jobs.app import IMAGE_PYTHON, LOCK_PLATFORM, lock_path
 
-    lock = Path(lock_path(image))
+    # Relative paths, run from the repository root: the lock's "# via -r ..." lines then read the same anywhere.
+    lock = Path(lock_path(image)).relative_to(REPO)
     command = [
         uv_executable(), "pip", "compile", str(lock.with_suffix(".in")), "--output-file", str(lock),
         "--python-version", IMAGE_PYTHON[image], "--python-platform", LOCK_PLATFORM,
@@ -61,7 +63,7 @@ def main(argv: list[str]) -> int:
     for image in args.images or list(IMAGE_PYTHON):
         command = compile_command(image, args.upgrade)
         print(f"locking {image} (Python {IMAGE_PYTHON[image]}) ...", file=sys.stderr)
-        done = subprocess.run(command)
+        done = subprocess.run(command, cwd=REPO)
         if done.returncode != 0:
             print(f"could not resolve the {image} image: see uv's message above", file=sys.stderr)
             return done.returncode

@@ -376,6 +376,9 @@ def test_the_static_view_follows_calls_not_whole_modules():
     assert {s.module for s in sites}.isdisjoint({"unsloth", "openai", "peft", "trl"})
     _, train_sites = static_reach(static_entries("train"))
     assert "unsloth" in {s.module for s in train_sites}
+    # serve._cuda_available's `try: import torch / except ImportError` is seen as optional.
+    _, serve_sites = static_reach([("modal_jobs.serve", "_cuda_available")])
+    assert [s.guarded for s in serve_sites if s.module == "torch"] == [True]
 
 
 # --- dynamic: one embedded run, every job process recording its imports ---------------------------------------
@@ -452,11 +455,13 @@ def recorded_imports(tmp_path_factory) -> dict[str, list[ImportSite]]:
     return recorded
 
 
+@pytest.mark.integration
 def test_the_recorder_sees_each_stage_run(recorded_imports):
     assert set(JOBS) <= set(recorded_imports), sorted(recorded_imports)
     assert "jiwer" in {site.module for site in recorded_imports["evaluate"]}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("function,image", [(f, i) for f, i in checked_functions() if f in JOBS])
 def test_imports_of_each_stages_job_run_are_in_its_lock(recorded_imports, function, image):
     if not runs_its_job(function):
