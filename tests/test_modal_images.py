@@ -133,10 +133,14 @@ def _distributions_of_modules() -> dict[str, list[str]]:
     return importlib.metadata.packages_distributions()
 
 
+# Modules not installed here whose distribution is spelled otherwise (none yet; e.g. "cv2": ["opencv-python"]).
+DISTRIBUTIONS_NOT_INSTALLED_HERE: dict[str, list[str]] = {}
+
+
 def distributions(module: str) -> set[str]:
     """The distributions that may provide a top-level module: from this environment's metadata, else (not
-    installed here: unsloth, vllm) the distribution spelled like the module."""
-    found = _distributions_of_modules().get(module)
+    installed here: unsloth, vllm) DISTRIBUTIONS_NOT_INSTALLED_HERE or the distribution spelled like the module."""
+    found = _distributions_of_modules().get(module) or DISTRIBUTIONS_NOT_INSTALLED_HERE.get(module)
     return {canonicalize_name(name) for name in found} if found else {canonicalize_name(module)}
 
 
