@@ -10,6 +10,7 @@ Run as: vlmpipe run   (or python -m flows.cli run)
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,16 +66,26 @@ def _changed_since_last_run(name: str, stage_key: keys.StageKey) -> list[str] | 
     return keys.changed_components(last["components"], stage_key.components)
 
 
-def _stage_task(task, refresh: bool):
-    """The task bound to this storage root: results and locks live beside the outputs they describe."""
-    from prefect.locking.filesystem import FileSystemLockManager
+def _stage_task(task, refresh: bool, output_exists: Callable[[], bool] | None = None):
+    """The task bound to this storage root: results and locks live beside the outputs they describe.
 
-    options: dict[str, Any] = {"refresh_cache": refresh, "result_storage": storage_root() / "prefect-results"}
+    `output_exists` is asked once the stage's lock is held: a cache record whose output has gone is dropped
+    then (the stage recomputes), so a run that waited on the lock finds the record its holder just wrote."""
+    from tasks.locks import StageLockManager
+
+    results = storage_root() / "prefect-results"
+    options: dict[str, Any] = {"refresh_cache": refresh, "result_storage": results}
     if isinstance(task.cache_policy, stages.StageOutputPolicy):
+
+        def drop_record_without_output(key: str) -> None:
+            if output_exists is not None and not output_exists():
+                (results / key).unlink(missing_ok=True)
+
         # Two runs with the same key at once: one computes, the other waits on the lock and reuses the result.
         options["cache_policy"] = task.cache_policy.configure(
             isolation_level="SERIALIZABLE",
-            lock_manager=FileSystemLockManager(lock_files_directory=storage_root() / "locks"),
+            lock_manager=StageLockManager(storage_root() / "locks", stage=task.name,
+                                          on_acquired=drop_record_without_output),
         )
     return task.with_options(**options)
 
@@ -84,9 +95,9 @@ def _submit(
 ) -> PrefectFuture:
     """Start a stage's task on the executor configured for it (task names are stage names)."""
     spec = ExecutorSpec.for_stage(config, task.name)
-    # A cache record whose output has gone must not be handed back: recompute it instead.
-    refresh = refresh or not get_executor(spec).output_exists(stages.output_location(request))
-    bound = _stage_task(task, refresh)
+    executor, location = get_executor(spec), stages.output_location(request)
+    # A cache record whose output has gone must not be handed back: checked under the stage's lock, not here.
+    bound = _stage_task(task, refresh, output_exists=lambda: executor.output_exists(location))
     if run_name:
         bound = bound.with_options(task_run_name=run_name)
     return bound.submit(request, spec)
