@@ -155,12 +155,17 @@ def _evaluate_model(
     return result
 
 
-def _run_name() -> str:
-    from prefect.runtime import flow_run
-
+def _run_name(config: PipelineConfig | None = None) -> str:
+    """model-dataset@fingerprint-r<r>-lr<lr>-bs<batch>-<epochs or steps>-seed<seed>-<config hash>: what a run
+    trains, at a glance, and different whenever the config differs (flows.retrain names its runs the same way).
+    Without a config (Prefect calls it so), the flow run's own."""
     from modal_jobs.dataset import source_fingerprint
+    from modal_jobs.storage import short_hash
 
-    config = PipelineConfig.model_validate(flow_run.parameters.get("config") or {})
+    if config is None:
+        from prefect.runtime import flow_run
+
+        config = PipelineConfig.model_validate(flow_run.parameters.get("config") or {})
     train = config.train
     model = config.model.source.rsplit("/", 1)[-1].replace("builtin:", "")
     dataset = config.dataset.source.rsplit("/", 1)[-1].replace("builtin:", "")
@@ -168,7 +173,9 @@ def _run_name() -> str:
         dataset += "@" + source_fingerprint(config.dataset)[:8]
     except Exception:  # a bad source fails in the flow with its own message; the name just goes without
         pass
-    return f"{model}-{dataset}-r{train.lora_r}-lr{train.learning_rate:g}-bs{train.effective_batch_size}"
+    length = f"steps{train.max_steps}" if train.max_steps else f"ep{train.num_epochs:g}"
+    return (f"{model}-{dataset}-r{train.lora_r}-lr{train.learning_rate:g}-bs{train.effective_batch_size}-{length}"
+            f"-seed{train.seed}-{short_hash(config.model_dump(mode='json'))[:6]}")
 
 
 @flow(name="finetune-pipeline", flow_run_name=_run_name, log_prints=True)

@@ -40,18 +40,10 @@ class RetrainResult(BaseModel):
 
 
 def describe(config: PipelineConfig) -> str:
-    """model-dataset@fingerprint-r<r>-lr<lr>-bs<batch>-<epochs or steps>: what a run trains, at a glance."""
-    from modal_jobs.dataset import source_fingerprint
+    """What a run trains, at a glance: the name finetune-pipeline gives its runs (flows.pipeline._run_name)."""
+    from flows.pipeline import _run_name
 
-    train = config.train
-    model = config.model.source.rsplit("/", 1)[-1].replace("builtin:", "")
-    dataset = config.dataset.source.rsplit("/", 1)[-1].replace("builtin:", "")
-    try:
-        dataset += "@" + source_fingerprint(config.dataset)[:8]
-    except Exception:  # a bad source fails inside the flow with its own message; the name goes without
-        pass
-    length = f"steps{train.max_steps}" if train.max_steps else f"ep{train.num_epochs:g}"
-    return (f"{model}-{dataset}-r{train.lora_r}-lr{train.learning_rate:g}-bs{train.effective_batch_size}-{length}")
+    return _run_name(config)
 
 
 def _run_name() -> str:
@@ -106,11 +98,10 @@ def _number(value: Any) -> str:
     return "—" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def publish_promotion(registry_name: str, decision: Decision, candidate: Entry,
-                      champion: Entry | None, champion_metrics: dict[str, Any] | None) -> None:
-    """The numbers that decided it, for a promotion and a rejection alike."""
-    from prefect.artifacts import create_markdown_artifact
-
+def promotion_markdown(registry_name: str, decision: Decision, candidate: Entry,
+                       champion: Entry | None, champion_metrics: dict[str, Any] | None) -> str:
+    """The numbers that decided it, for a promotion and a rejection alike: the decision's sentence, then a table
+    whose "compared value" row holds the very numbers the sentence compares."""
     metric = decision.metric
     theirs = champion_metrics or (champion.metrics if champion else {})
     ours = candidate.metrics
@@ -124,7 +115,10 @@ def publish_promotion(registry_name: str, decision: Decision, candidate: Entry,
         ("model", f"`{candidate.merged_dir}`", f"`{champion.merged_dir}`" if champion else "none"),
         (f"**{metric}**", _number(ours.get(metric)), _number(theirs.get(metric))),
         (f"{metric} interval", interval(ours), interval(theirs)),
-        ("compared value", _number(decision.compared_value), _number(decision.champion_value)),
+        # The champion's side is what `decide` compared: its optimistic interval end when both have intervals.
+        ("compared value", _number(decision.compared_value),
+         _number(decision.champion_value if decision.champion_compared_value is None
+                 else decision.champion_compared_value)),
         *[(name, _number(ours.get(name)), _number(theirs.get(name)))
           for name in ("cer", "wer", "exact_match") if name != metric],
         ("scored / failed", f"{ours.get('num_scored')} / {ours.get('num_failed')}",
@@ -134,13 +128,20 @@ def publish_promotion(registry_name: str, decision: Decision, candidate: Entry,
     ]
     table = "\n".join(f"| {name} | {a} | {b} |" for name, a, b in rows)
     rescored = " (re-scored on this test set)" if champion_metrics else ""
-    markdown = (
+    return (
         f"# {decision.verdict.upper()}\n\n{decision.reason}\n\n"
         f"registry `{registry_name}` (`{registry_path(registry_name)}`); metric `{metric}` ({'lower' if decision.lower_is_better else 'higher'} is "
         f"better); margin {decision.margin:g}\n\n| | candidate | champion{rescored} |\n|---|---|---|\n{table}\n"
     )
+
+
+def publish_promotion(registry_name: str, decision: Decision, candidate: Entry,
+                      champion: Entry | None, champion_metrics: dict[str, Any] | None) -> None:
+    from prefect.artifacts import create_markdown_artifact
+
+    markdown = promotion_markdown(registry_name, decision, candidate, champion, champion_metrics)
     create_markdown_artifact(markdown, key="promotion",
-                             description=f"{decision.verdict}: candidate vs champion on {metric}")
+                             description=f"{decision.verdict}: candidate vs champion on {decision.metric}")
 
 
 @flow(name="retrain", flow_run_name=_run_name, log_prints=True)

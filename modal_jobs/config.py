@@ -342,8 +342,22 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
-    """A YAML file (or the embedded default when there is none) plus dotted overrides; unknown keys are errors."""
+    """A YAML file (or the embedded default when there is none) plus dotted overrides; unknown keys are errors.
+
+    A YAML syntax error is an InputError naming the file, line and column (1-based, as editors count)."""
     import yaml
+
+    from modal_jobs.errors import InputError
+
+    def _yaml_problem(error: yaml.YAMLError) -> str:
+        mark = getattr(error, "problem_mark", None)
+        if mark is None:
+            return str(error)
+        text = f"line {mark.line + 1}, column {mark.column + 1}: {getattr(error, 'problem', None) or error}"
+        context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+        if context and context_mark is not None:
+            text += f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
+        return text
 
     if path is None:
         tree: dict[str, Any] = json.loads(json.dumps(EMBEDDED_OVERRIDES))
@@ -351,7 +365,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise InputError(f"config file {path}: {_yaml_problem(error)}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {path}: expected a mapping of sections at the top level")
         tree = loaded

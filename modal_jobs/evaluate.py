@@ -53,6 +53,31 @@ def _api_key(request: EvaluateRequest) -> str:
     return "EMPTY"
 
 
+class _Progress:
+    """One plain line on stderr every tenth of the requests (or every 30 s, whichever comes first): the job's log
+    reads line by line, and `vlmpipe run` relays these lines (`evaluate LABEL: N/M requests ...`) to the terminal."""
+
+    EVERY_S = 30.0
+
+    def __init__(self, label: str, total: int) -> None:
+        self.label, self.total = label, total
+        self.step = max(1, -(-total // 10))
+        self.done = self.failed = 0
+        self.started = self.last = time.perf_counter()
+
+    def update(self, failed: bool) -> None:
+        self.done += 1
+        self.failed += failed
+        now = time.perf_counter()
+        if self.done % self.step and self.done != self.total and now - self.last < self.EVERY_S:
+            return
+        self.last = now
+        rate = self.done / max(now - self.started, 1e-9)
+        left = f", ~{(self.total - self.done) / rate:.0f} s left" if self.done < self.total else ""
+        print(f"evaluate {self.label}: {self.done}/{self.total} requests ({self.failed} failed), {rate:.1f}/s{left}",
+              file=sys.stderr, flush=True)
+
+
 def _open_split(request: EvaluateRequest) -> Any:
     from modal_jobs.dataset import open_prepared
 
@@ -136,7 +161,6 @@ def evaluate(request: EvaluateRequest) -> EvaluateResult:
     request failed.
     """
     from openai import OpenAI
-    from tqdm import tqdm
 
     cfg = request.evaluate
     split = _open_split(request)
@@ -156,9 +180,8 @@ def evaluate(request: EvaluateRequest) -> EvaluateResult:
     # Rows are decoded one at a time as slots free up, so at most `concurrency` images are in memory.
     rows = enumerate(split.select(range(num_samples)))
     in_flight: dict[Future, dict[str, Any]] = {}
-    with ThreadPoolExecutor(max_workers=cfg.concurrency) as pool, tqdm(
-        total=num_samples, desc=f"evaluate {request.label}", unit="req", file=sys.stderr, mininterval=1.0
-    ) as progress:
+    progress = _Progress(request.label, num_samples)
+    with ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
 
         def submit_next() -> bool:
             index, row = next(rows, (None, None))
@@ -195,9 +218,7 @@ def evaluate(request: EvaluateRequest) -> EvaluateResult:
                     )
                 scoring_s += time.perf_counter() - scoring_started
                 records.append(record)
-                progress.update(1)
-                if error is not None:
-                    progress.set_postfix(failed=sum(r["error"] is not None for r in records), refresh=False)
+                progress.update(error is not None)
     elapsed = time.perf_counter() - started
     records.sort(key=lambda record: record["index"])
 

@@ -48,6 +48,9 @@ def source_fingerprint(model: ModelConfig) -> str:
         return short_hash({"builtin": model.source, "tiny": model.tiny.model_dump(), "version": TINY_MODEL_VERSION})
     folder = _local_folder(model.source)
     if folder is not None:
+        # The flow computes this before any job starts: a folder that cannot become a model fails here, not
+        # after the dataset has been prepared (and before its bytes are hashed).
+        check_model_folder(folder, model.source)
         return fingerprint_path(folder)
     if not _HUB_ID.match(model.source):
         raise InputError(
@@ -195,10 +198,7 @@ def prepare_model(request: PrepareModelRequest) -> PrepareModelResult:
         return _cached_result(request, manifest)
 
     folder = None if model.source == BUILTIN_MODEL else _local_folder(model.source)
-    if folder is not None:
-        # Cheap checks before the content hash, which reads every byte of a possibly large folder.
-        check_model_folder(folder, model.source)
-    source_fp = source_fingerprint(model)
+    source_fp = source_fingerprint(model)  # checks a local folder before hashing it
 
     manifest = {
         "stage": "prepare_model",

@@ -93,6 +93,9 @@ class Decision(BaseModel):
     champion_interval: list[float] | None = Field(
         None, description="The champion's interval on the metric, when it has one: its optimistic end is the bar."
     )
+    champion_compared_value: float | None = Field(
+        None, description="The champion number actually compared: its optimistic interval end, or its value."
+    )
     champion_merged_dir: str | None = None
 
     @property
@@ -201,6 +204,7 @@ def decide(candidate_metrics: dict[str, Any], champion: Entry | None, promote: P
     # not overlap. The champion's point value is the bar only when it has no interval (an older evaluation).
     if interval is not None and champion_interval is not None:
         bar = champion_interval[0] if lower else champion_interval[1]
+    base["champion_compared_value"] = bar
     improvement = (bar - compared) if lower else (compared - bar)
     direction = "lower" if lower else "higher"
     if interval is not None and champion_interval is not None:

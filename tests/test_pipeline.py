@@ -115,5 +115,5 @@ def test_bad_input_fails_before_any_job_with_the_problem_named(tmp_path, prefect
         [sys.executable, "-m", "flows.cli", "run", "--set", f"dataset.source={tmp_path / 'nowhere'}"],
         env=env, capture_output=True, text=True, timeout=300,
     )
-    assert missing.returncode == 1 and "nowhere" in missing.stderr
-    assert not (home / "runs").exists() and not (home / "logs").exists()
+    assert missing.returncode == 2 and "nowhere" in missing.stderr  # the user's to fix: exit 2, as a bad config
+    assert not (home / "runs").exists() and not list((home / "logs").glob("*.log"))  # no job ran
