@@ -13,6 +13,7 @@ runs in its own session so that it outlives the short-lived job process that sta
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import ipaddress
 import json
@@ -76,6 +77,115 @@ def _free_port(host: str) -> int:
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
+
+
+def _port_holders(port: int) -> list[int | None] | None:
+    """Pids listening on TCP `port` on this machine (None in the list: a process of another user); None when
+    that cannot be read here (no psutil and no /proc, or macOS without root)."""
+    try:
+        import psutil
+    except ImportError:
+        return _proc_port_holders(port)
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except (psutil.AccessDenied, OSError):
+        return _proc_port_holders(port)
+    return [c.pid for c in connections if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port]
+
+
+def _proc_port_holders(port: int) -> list[int | None] | None:
+    inodes: set[str] = set()
+    tables = [Path("/proc/net/tcp"), Path("/proc/net/tcp6")]
+    if not any(table.exists() for table in tables):
+        return None
+    for table in tables:
+        try:
+            rows = table.read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()  # sl local_address rem_address st ... inode; "0A" is LISTEN
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    holders: list[int | None] = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd) in inodes for fd in fd_dir.iterdir()):
+                holders.append(int(fd_dir.parent.name))
+        except OSError:
+            continue  # another user's process, or gone
+    return holders or [None] * bool(inodes)
+
+
+def _describe_holders(holders: list[int | None] | None) -> str:
+    known = sorted({pid for pid in holders or [] if pid is not None})
+    if not known:
+        return " by a process this user cannot see" if holders else ""
+    described = []
+    for pid in known:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            command = " ".join(part.decode(errors="replace") for part in argv if part)
+        except OSError:
+            command = ""
+        described.append(f"pid {pid} ({command[:120]})" if command else f"pid {pid}")
+    return " by " + ", ".join(described)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """A fixed serve.port that is taken fails at once (InputError: a retry would meet the same holder)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # Bound as the servers bind (uvicorn and vLLM set SO_REUSEADDR): a port in TIME_WAIT is free to them.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise InputError(
+                    f"serve.port {port} on {host} is already in use{_describe_holders(_port_holders(port))}: "
+                    "stop that process, or set serve.port to a free port (or leave it unset to pick one)"
+                ) from None
+            raise InputError(
+                f"cannot listen on serve.host {host}, serve.port {port} ({error.strerror}): use an address of this "
+                "machine, and a port above 1023 unless the server runs as root"
+            ) from None
+
+
+def _group(pgid: int) -> set[int]:
+    """The processes of a server's group (it leads one; vLLM may answer from a child process)."""
+    members = {pgid}
+    for entry in Path("/proc").glob("[0-9]*"):
+        fields = _stat(entry.name)
+        if fields is not None and int(fields[2]) == pgid:
+            members.add(int(entry.name))
+    return members
+
+
+def _served_models(base: str, api_key: str | None) -> list[str]:
+    request = urllib.request.Request(f"{base}/v1/models")
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:
+            return [entry.get("id") for entry in json.loads(response.read()).get("data", [])]
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, ValueError, AttributeError):
+        return []
+
+
+def _answering_is_ours(process: subprocess.Popen, port: int, base: str, backend: str, model_name: str,
+                       api_key: str | None) -> bool:
+    """Whether what answers on `port` is the server we started, not another process that holds the port.
+
+    The listening socket must belong to our server's process group (where sockets can be read), and vLLM must
+    list our model in /v1/models. (`transformers serve` lists only models of the hub cache there, never the
+    folder it was started with, so for it the socket is the proof.)"""
+    if process.poll() is not None:
+        return False
+    holders = [pid for pid in _port_holders(port) or [] if pid is not None]
+    if holders and not set(holders) & _group(process.pid):
+        return False
+    return backend != "vllm" or model_name in _served_models(base, api_key)
 
 
 def _is_loopback(host: str) -> bool:
@@ -175,15 +285,17 @@ def _healthy(url: str) -> bool:
 
 
 def serve(request: ServeRequest) -> ServeResult:
-    """Start the server and return only once GET /health answers 200.
+    """Start the server and return only once GET /health answers 200 from the server it started.
 
-    Raises InputError (nothing started) for a missing model folder or a backend that cannot run here,
-    RuntimeError with the log's last lines if the server exits while starting, TimeoutError (server killed)
+    Raises InputError (nothing started) for a missing model folder, a backend that cannot run here or a
+    serve.port that is taken (naming its holder), RuntimeError with the log's last lines if the server exits while starting, TimeoutError (server killed)
     if it is not healthy within serve.startup_timeout_s.
     """
     cfg = request.serve
     model_dir = _model_dir(request)
     backend = choose_backend(cfg.backend)
+    if cfg.port:
+        _check_port_free(cfg.host, cfg.port)
     port = cfg.port or _free_port(cfg.host)
     argv, model_name, extra_env = _command(backend, model_dir, cfg, port)
 
@@ -207,10 +319,21 @@ def serve(request: ServeRequest) -> ServeResult:
 
     base = f"http://{_url_host(cfg.host)}:{port}"
     started = time.monotonic()
+    api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
     try:
-        while not _healthy(f"{base}/health"):
+        # Healthy is not enough: whatever else holds the port may answer /health 200 too.
+        while not (_healthy(f"{base}/health") and _answering_is_ours(process, port, base, backend, model_name, api_key)):
             code = process.poll()
             if code is not None:
+                holders = _port_holders(port) or []
+                if any(pid != process.pid for pid in holders):
+                    # Taken between the check and the bind: fixed, it stays taken; a free port chosen here may not.
+                    error = InputError if cfg.port else RuntimeError
+                    raise error(
+                        f"{backend} server for {model_dir} could not listen: port {port} was taken"
+                        f"{_describe_holders(holders)}; set serve.port to a free port (or leave it unset). "
+                        f"Last lines of {log_path}:\n{_log_tail(log_path)}"
+                    )
                 raise RuntimeError(
                     f"{backend} server for {model_dir} exited with code {code} before it was healthy; "
                     f"last lines of {log_path}:\n{_log_tail(log_path)}"
