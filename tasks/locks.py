@@ -143,8 +143,17 @@ def _write_new(path: Path, info: dict[str, Any]) -> bool:
         return True
     except FileExistsError:
         return False
+    except OSError:
+        pass  # a file system without hard links: create-exclusive, then fill (readers allow for the gap)
     finally:
         tmp.unlink(missing_ok=True)
+    try:
+        descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(json.dumps(info))
+    return True
 
 
 def _replace(path: Path, info: dict[str, Any]) -> None:
