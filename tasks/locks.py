@@ -208,8 +208,9 @@ def renew_held_locks() -> None:
                 _replace(path, info)
                 continue
         with _HELD_LOCK:
-            _HELD.pop(path, None)
-        _logger().warning("lock %s was taken over while this process held it (its heartbeat was late)", path)
+            still_held = _HELD.pop(path, None) is not None  # not merely released since the copy above
+        if still_held:
+            _logger().warning("lock %s was taken over while this process held it (its heartbeat was late)", path)
 
 
 def _beat() -> None:

@@ -400,8 +400,30 @@ def _single_parquet_to_split(tmp_path, small):
     return file, {"test_size": 0.25}
 
 
+def _parquet_folder(tmp_path, small):
+    folder = tmp_path / "pq"
+    (folder / "data").mkdir(parents=True)
+    small["train"].to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+    small["test"].to_parquet(str(folder / "data" / "test-00000-of-00001.parquet"))
+    return folder, {}
+
+
+def _image_folder(tmp_path, small):
+    folder = tmp_path / "images"
+    for name in ("train", "test"):
+        (folder / name).mkdir(parents=True)
+        lines = []
+        for index, (png, text) in enumerate(zip(_png_bytes(small[name]), small[name]["text"])):
+            (folder / name / f"{index:04d}.png").write_bytes(png)
+            lines.append(json.dumps({"file_name": f"{index:04d}.png", "text": text}))
+        (folder / name / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder, {}
+
+
 READ_ONLY_SOURCES = {
     "save_to_disk folder": _save_to_disk_with_large_string_text,
+    "parquet folder": _parquet_folder,
+    "image folder with metadata.jsonl": _image_folder,
     "single parquet file with a split column": _single_parquet_with_split_column,
     "single parquet file split by test_size": _single_parquet_to_split,
 }
@@ -412,11 +434,15 @@ def test_a_source_is_never_written_to(case, tmp_path, small):
     source, fields = READ_ONLY_SOURCES[case](tmp_path, small)
     folder = source if source.is_dir() else source.parent
     before = _snapshot(folder)
-    _, result = _prepare(source, **fields)
+    request, result = _prepare(source, **fields)
     assert not result.cached
     assert _snapshot(folder) == before
     # The prepared output is what its manifest says, too.
     assert storage.verify_output(result.path, full=True).state == "intact"
+    # The next identical run: the same key (the source's fingerprint held), so a cache hit.
+    assert source_fingerprint(request.dataset) == result.source_fingerprint
+    assert prepare_dataset(request).cached
+    assert _snapshot(folder) == before
 
 
 def test_an_empty_parquet_file_says_it_has_no_rows(tmp_path, small):
