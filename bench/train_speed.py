@@ -189,7 +189,7 @@ def _render_plain(label: str) -> bytes:
     return buffer.getvalue()
 
 
-def make_dataset(output_dir: Path, rows: int, seed: int = 0) -> dict[str, Any]:
+def make_dataset(output_dir: Path, rows: int, seed: int = 0, test_rows: int = 8) -> dict[str, Any]:
     """Rendered formulas with LaTeX_OCR-like, varied answer lengths, in the prepared layout (train/test)."""
     import datasets
 
@@ -199,7 +199,7 @@ def make_dataset(output_dir: Path, rows: int, seed: int = 0) -> dict[str, Any]:
     grammar = synthetic._Grammar(rng)
     drawn = []
     low, high = ANSWER_RANGE
-    while len(drawn) < rows + 8:
+    while len(drawn) < rows + test_rows:
         budget = min(high, max(low, round(rng.lognormvariate(math.log(ANSWER_MEDIAN_TOKENS), ANSWER_SIGMA))))
         tokens = grammar.expression(budget, 0)
         drawn.append((synthetic.label_of(tokens), " ".join(tokens)))
