@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -177,3 +180,90 @@ def test_zero_size_images_and_non_string_texts_are_named(vlmpipe_home, tmp_path,
         prepare_dataset(PrepareDatasetRequest(dataset=DatasetConfig(source=str(tmp_path / "numbers")),
                                               output_dir="d/n"))
     assert not is_complete("d/z") and not is_complete("d/n")
+
+
+# --- Ctrl-C and kill -9 of `vlmpipe run` (issue 21 #4) ---------------------------------------------------
+
+
+@contextlib.contextmanager
+def _vlmpipe_run(home, *args: str):
+    """`vlmpipe run` in its own process group, as a terminal starts it (Ctrl-C signals the whole group);
+    whatever is left of the group is killed at the end."""
+    env = {**os.environ, "VLMPIPE_HOME": str(home), "PREFECT_HOME": str(home.parent / "prefect-home"),
+           "HF_HUB_OFFLINE": "1"}
+    run = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", *args], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        yield run
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.communicate()
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _alive(processes) -> list:
+    import psutil
+
+    return [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+# The embedded default, shortened: checkpoints often enough that Ctrl-C lands after one, and a short evaluation.
+_INTERRUPTIBLE = ("--set", "train.max_steps=200", "--set", "train.save_steps=20", "--set", "evaluate.num_samples=8")
+
+
+@pytest.mark.integration
+def test_ctrl_c_during_training_returns_in_seconds_and_the_next_run_resumes(tmp_path):
+    import psutil
+
+    home = tmp_path / "home"
+    with _vlmpipe_run(home, *_INTERRUPTIBLE) as run:
+        _wait_for(lambda: list(home.glob("runs/*/checkpoints/checkpoint-*")) or run.poll() is not None, 900,
+                  "the first checkpoint")
+        assert run.poll() is None, run.communicate()[1][-3000:]
+        children = psutil.Process(run.pid).children(recursive=True)
+        assert any("uvicorn" in " ".join(c.cmdline()) for c in children)  # the API server, which must survive
+        interrupted = time.time()
+        os.killpg(run.pid, signal.SIGINT)
+        _, stderr = run.communicate(timeout=120)
+        took = time.time() - interrupted
+    assert took < 15, f"Ctrl-C took {took:.1f} s"
+    assert run.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "EventsWorker" not in stderr and "Connection refused" not in stderr
+    (line,) = [line for line in stderr.splitlines() if line.startswith("interrupted:")]
+    assert "stopped train" in line and "run the same command again to resume" in line, line
+    time.sleep(1)
+    assert _alive(children) == [], [c.cmdline() for c in _alive(children)]
+
+    # The next run resumes training from the checkpoint and finishes, showing progress on the way.
+    with _vlmpipe_run(home, "--json", *_INTERRUPTIBLE) as again:
+        stdout, stderr = again.communicate(timeout=1500)
+    assert again.returncode == 0, stderr[-3000:]
+    states = {name: stage["state"] for name, stage in json.loads(stdout.strip().splitlines()[-1])["stages"].items()}
+    assert states["prepare_dataset"] == states["prepare_model"] == states["encode_images"] == "Cached", states
+    assert states["train"] == states["evaluate_finetuned"] == "Completed", states
+    assert len([log for log in home.glob("logs/train-*.log") if "resuming from" in log.read_text()]) == 1
+    assert "train started" in stderr and re.search(r"evaluate finetuned: (\d+)/\1 requests", stderr), stderr[-3000:]
+
+
+@pytest.mark.integration
+def test_kill_9_of_vlmpipe_run_leaves_no_api_server_behind(tmp_path):
+    import psutil
+
+    home = tmp_path / "home"
+    with _vlmpipe_run(home) as run:
+        _wait_for(lambda: list((home / "logs").glob("prepare_*.log")) or run.poll() is not None, 300, "a job")
+        servers = [c for c in psutil.Process(run.pid).children(recursive=True) if "uvicorn" in " ".join(c.cmdline())]
+        assert servers, "no Prefect API server started"
+        run.kill()  # the main process alone, as an OOM kill would
+        run.wait()
+        deadline = time.time() + 5
+        while _alive(servers) and time.time() < deadline:
+            time.sleep(0.1)
+        assert _alive(servers) == [], "the Prefect API server outlived its vlmpipe run"
