@@ -1,7 +1,8 @@
 """Whole runs through the real CLI: sources given by the user are never written, finished folders never change
 after their manifest, a second identical run is all cache hits, and a damaged output is recomputed, not served.
 
-Run as: python -m pytest tests/test_sources_read_only.py -q   (about 5 minutes on 2 cores: 5 pipeline runs)
+Run as: python -m pytest tests/test_sources_read_only.py -q   (5 pipeline runs: 9 minutes on 2 cores shared with
+other test runs)
 """
 
 from __future__ import annotations
