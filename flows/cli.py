@@ -326,21 +326,22 @@ def _flow_session(command: str, debug: bool) -> Iterator[dict[str, Any]]:
     progress = _Progress(storage_root() / "logs")
     previous = signal.getsignal(signal.SIGINT)
 
-    def force_exit() -> None:
-        # The flow did not wind down in time: stop the jobs and leave (the API server dies with us).
+    def force_exit(why: str) -> None:
+        # Stop the jobs and leave without waiting for the flow (the API server dies with us: PDEATHSIG).
         from tasks.executors import stop_running_jobs
 
         stop_running_jobs()
-        _say_interrupted(facts, forced=True)
+        _say_interrupted(facts, forced=why)
         os._exit(EXIT_INTERRUPTED)
 
     def on_sigint(signum: int, frame: Any) -> None:
-        if facts["interrupted"] is not None:  # a second Ctrl-C: do not wait for the flow
-            force_exit()
+        if facts["interrupted"] is not None:
+            force_exit("a second Ctrl-C")
         facts["interrupted"] = _running_stages()
         console.silent = True
         progress.stopped.set()
-        timer = threading.Timer(INTERRUPT_GRACE_S, force_exit)
+        timer = threading.Timer(INTERRUPT_GRACE_S, force_exit,
+                                [f"the flow had not stopped after {INTERRUPT_GRACE_S:g} s"])
         timer.daemon = True
         timer.start()
         raise KeyboardInterrupt
@@ -359,12 +360,12 @@ def _flow_session(command: str, debug: bool) -> Iterator[dict[str, Any]]:
             file_handler.close()
 
 
-def _say_interrupted(facts: dict[str, Any], forced: bool = False, as_json: bool = False) -> None:
+def _say_interrupted(facts: dict[str, Any], forced: str | None = None, as_json: bool = False) -> None:
     stages = facts.get("interrupted") or []
     what = f"stopped {', '.join(stages)}" if stages else "stopped between stages"
     resume = " (training resumes from its latest checkpoint)" if "train" in stages else ""
     line = (f"interrupted: {what}; finished stages are kept: run the same command again to resume{resume}"
-            + (" [did not wind down in time: left at once]" if forced else ""))
+            + (f" (left at once: {forced})" if forced else ""))
     typer.echo(line, err=True)
     if as_json:
         sys.stdout.write(json.dumps({"error": line, "stage": ", ".join(stages) or None}) + "\n")
