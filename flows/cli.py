@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -268,6 +269,8 @@ class _Progress(threading.Thread):
     """Stage starts and evaluation progress on the terminal, read from the job logs this run writes
     (`logs/<stage>-<time>-<pid>.log`): the flow's own log says only when a stage has ended."""
 
+    JOB_LOG = re.compile(r"^([a-z_]+)-\d{8}-\d{6}-\d+\.log$")  # tasks.executors: <stage>-<time>-<pid>.log
+
     def __init__(self, logs: Path) -> None:
         super().__init__(daemon=True, name="vlmpipe-progress")
         self.logs = logs
@@ -286,7 +289,8 @@ class _Progress(threading.Thread):
         if not self.logs.is_dir():
             return
         for path in sorted(self.logs.glob("*.log"), key=lambda p: p.stat().st_mtime):
-            stage = path.name.rsplit("-", 3)[0]
+            job = self.JOB_LOG.match(path.name)  # not a server's own log (serve-<port>.log)
+            stage = job.group(1) if job else None
             if path not in self.seen:
                 self.seen.add(path)
                 if stage in _STAGE_OF_MODULE.values():
