@@ -424,6 +424,8 @@ def run(
     for stage, outcome in result.stages.items():
         typer.echo(f"  {stage:<20} {outcome.state}")
     typer.echo(f"\nmerged model:  {result.merged_dir}\nLoRA adapter:  {result.adapter_dir}")
+    for what, location in result.remote_outputs.items():
+        typer.echo(f"  the {what} stays on the Modal Volume; fetch it: vlmpipe pull {location} --to ./{what}")
     for label, metrics in result.metrics.items():
         typer.echo(
             f"{label + ':':<14} CER {metrics['cer']:.3f}  WER {metrics['wer']:.3f}  exact match "
@@ -585,6 +587,25 @@ def rollback(name: RegistryOption = None, config: ConfigOption = None) -> None:
     except RegistryError as error:
         _fail(error)
     typer.echo(f"{updated.history[-1].reason}\nchampion ({name}): {resolve(updated.champion.merged_dir)}")
+
+
+@app.command()
+def pull(
+    path: Annotated[str, typer.Argument(help="A storage-relative output on the Modal Volume, e.g. runs/<key>/merged-<key>"
+                                              " (what `vlmpipe run` printed after vlmpipe-data:/).")],
+    to: Annotated[Path, typer.Option("--to", help="Local folder to copy it into.")] = Path("."),
+    config: ConfigOption = None,
+) -> None:
+    """Download an output (a merged model, an adapter, an evaluation) from the Modal Volume."""
+    from tasks.modal_executor import ModalExecutor
+
+    executor = ModalExecutor(_config(config, None).modal)
+    try:
+        executor.require_credentials("vlmpipe pull")
+        written = executor.pull(path.removeprefix("vlmpipe-data:").strip("/"), to)
+    except Exception as error:
+        _fail(error)
+    typer.echo(f"{len(written)} files from {executor.display_path(path.strip('/'))} into {to.resolve()}")
 
 
 if __name__ == "__main__":

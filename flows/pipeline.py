@@ -18,17 +18,17 @@ from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 from pydantic import BaseModel
 
+from flows.serving import serving_if
 from modal_jobs import keys
 from modal_jobs.config import PipelineConfig
-from modal_jobs.encode import EncodeRequest
 from modal_jobs.consistency import ConsistencyRequest
+from modal_jobs.encode import EncodeRequest
 from modal_jobs.schemas import (
     EvaluateRequest,
     EvaluateResult,
     ExportRequest,
     PrepareDatasetRequest,
     PrepareModelRequest,
-    ServeRequest,
     ServeResult,
     TrainRequest,
 )
@@ -52,6 +52,7 @@ class PipelineResult(BaseModel):
     metrics: dict[str, dict[str, Any]]
     results_files: dict[str, str]
     storage_root: str
+    remote_outputs: dict[str, str] = {}  # Volume paths of outputs that stayed on Modal: `vlmpipe pull PATH`
 
 
 def _last_components_path(name: str) -> Path:
@@ -64,6 +65,30 @@ def _changed_since_last_run(name: str, stage_key: keys.StageKey) -> list[str] | 
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     return keys.changed_components(last["components"], stage_key.components)
+
+
+def _check_modal_credentials(config: PipelineConfig) -> None:
+    """A run with any stage on Modal needs a token: say so (and how to get one) before anything else happens."""
+    from modal_jobs.jobs import JOBS
+
+    if any(config.executor_for(stage) == "modal" for stage in JOBS):
+        from tasks.modal_executor import ModalExecutor
+
+        ModalExecutor(config.modal).require_credentials("executor: modal")
+
+
+def _on_disk(task, request: BaseModel, config: PipelineConfig) -> bool:
+    """Whether a stage's output is there, once a run computing it right now (an identical run started earlier)
+    has finished: what decides whether a server is needed, so two identical runs never start two servers."""
+    from tasks.locks import StageLockManager
+
+    StageLockManager(storage_root() / "locks", stage=task.name).wait_for_lock(stages.cache_key(task.name, request))
+    return _where(config, task.name).output_exists(stages.output_location(request))
+
+
+def _where(config: PipelineConfig, stage: str):
+    """The executor of a stage: where its outputs live and how to read them."""
+    return get_executor(ExecutorSpec.for_stage(config, stage))
 
 
 def _stage_task(task, refresh: bool, output_exists: Callable[[], bool] | None = None):
@@ -115,43 +140,34 @@ def _finish(stage_key: keys.StageKey, future: PrefectFuture, label: str | None =
     return result, state_name
 
 
-def _serve(config: PipelineConfig, model_dir: str) -> ServeResult:
-    return _stage_task(stages.serve, False).submit(
-        ServeRequest(serve=config.serve, model_dir=model_dir), ExecutorSpec.for_stage(config, "serve")
-    ).result()
-
-
 def _evaluate_model(
     config: PipelineConfig, label: str, model_dir: str, model_identity: str, dataset_fingerprint: str,
     dataset_dir: str, refresh: bool, outcomes: dict[str, StageOutcome], served: ServeResult | None = None,
 ) -> EvaluateResult:
     """Serve the model only when its evaluation is not already on disk, then evaluate and stop the server.
 
-    With `served`, that server is used and left running (its caller stops it)."""
-    from modal_jobs.serve import stop_server
-
+    With `served`, that server is used (its owner stops it)."""
     eval_key = keys.evaluate_key(model_identity, dataset_fingerprint, config.evaluate, config.instruction)
     request = EvaluateRequest(
         evaluate=config.evaluate, base_url="", model_name="", dataset_dir=dataset_dir,
         instruction=config.instruction, output_path=f"evals/{eval_key.key}.json", label=label,
         api_key_env=config.serve.api_key_env,
     )
-    started = None
-    if refresh or not get_executor(ExecutorSpec.for_stage(config, "evaluate")).output_exists(request.output_path):
-        if served is None:
-            served = started = _serve(config, model_dir)
-            outcomes[f"serve_{label}"] = StageOutcome(state="Completed", output=served.base_url)
-        request = request.model_copy(update={"base_url": served.base_url, "model_name": served.model_name})
-    elif served is None:
+    evaluations = _where(config, "evaluate")
+    needs_server = served is None and (refresh or not _on_disk(stages.evaluate, request, config))
+    if served is None and not needs_server:
         outcomes[f"serve_{label}"] = StageOutcome(state="Skipped", output="evaluation already on disk")
-    try:
+    with serving_if(needs_server, config, model_dir) as started:
+        endpoint = served or started
+        if started is not None:
+            outcomes[f"serve_{label}"] = StageOutcome(state="Completed", output=started.base_url)
+        if endpoint is not None:
+            request = request.model_copy(update={"base_url": endpoint.base_url, "model_name": endpoint.model_name})
         result, state = _finish(eval_key, _submit(stages.evaluate, request, config, refresh, f"evaluate-{label}"),
                                 label=f"evaluate_{label}")
-    finally:
-        if started is not None and started.pid is not None:
-            stop_server(started.pid)
     outcomes[f"evaluate_{label}"] = StageOutcome(state=state, output=result.results_path, key=eval_key.key)
-    artifacts.publish_output(f"eval-results-{label}", result.results_path, f"Evaluation results ({label})")
+    artifacts.publish_output(f"eval-results-{label}", result.results_path, f"Evaluation results ({label})",
+                             where=evaluations)
     return result
 
 
@@ -181,8 +197,15 @@ def _run_name(config: PipelineConfig | None = None) -> str:
 @flow(name="finetune-pipeline", flow_run_name=_run_name, log_prints=True)
 def finetune_pipeline(config: PipelineConfig = PipelineConfig(), refresh: bool = False) -> PipelineResult:
     """Prepare data and model, LoRA fine-tune, merge to 16-bit, serve, and evaluate base vs fine-tuned."""
+    from prefect.exceptions import CancelledRun
+    from prefect.states import Cancelled
+
     try:
         return _finetune_pipeline(config, refresh)
+    except CancelledRun as cancelled:
+        # A stage's job was cancelled from outside (e.g. its Modal call): final, and the run says so.
+        stop_running_jobs()
+        return Cancelled(message=str(cancelled))
     except BaseException:
         # Interrupted or failed: no job (a training subprocess, a Modal call) may run on without its flow.
         stop_running_jobs()
@@ -192,15 +215,16 @@ def finetune_pipeline(config: PipelineConfig = PipelineConfig(), refresh: bool =
 def _finetune_pipeline(config: PipelineConfig, refresh: bool) -> PipelineResult:
     from modal_jobs.dataset import source_fingerprint as dataset_source_fingerprint
     from modal_jobs.model import source_fingerprint as model_source_fingerprint
-
     from tasks.secrets import load_secret_blocks
 
     logger = get_run_logger()
     check_writable()
+    _check_modal_credentials(config)
     loaded = load_secret_blocks()
     if loaded:
         logger.info("read %s from Prefect Secret blocks", ", ".join(loaded))
-    if config.export.hub_id:
+    if config.export.hub_id and config.executor_for("export") == "local":
+        # On Modal the token lives in the Secret, where the push happens: the export job checks it there.
         from modal_jobs.hub import hub_token
 
         if not hub_token():
@@ -216,12 +240,15 @@ def _finetune_pipeline(config: PipelineConfig, refresh: bool) -> PipelineResult:
     model_future = _submit(stages.prepare_model, model_request, config, refresh)
     dataset, state = _finish(dataset_key, dataset_future)
     outcomes["prepare_dataset"] = StageOutcome(state=state, output=dataset.path, key=dataset_key.key)
-    artifacts.publish_output("dataset", dataset.path, f"Prepared dataset: {dataset.splits}")
+    artifacts.publish_output("dataset", dataset.path, f"Prepared dataset: {dataset.splits}",
+                             where=_where(config, "prepare_dataset"))
     if dataset.skipped_rows:
         artifacts.publish_skipped_rows(dataset.skipped_rows)
     model, state = _finish(model_key, model_future)
     outcomes["prepare_model"] = StageOutcome(state=state, output=model.path, key=model_key.key)
-    artifacts.publish_output("base-model", model.path, f"Base model: {model.architecture}, {model.num_parameters:,} parameters")
+    artifacts.publish_output("base-model", model.path,
+                             f"Base model: {model.architecture}, {model.num_parameters:,} parameters",
+                             where=_where(config, "prepare_model"))
 
     train_key = keys.train_key(
         dataset.fingerprint, model.fingerprint, config.train, config.model, config.instruction,
@@ -250,14 +277,15 @@ def _finetune_pipeline(config: PipelineConfig, refresh: bool) -> PipelineResult:
         encoded, state = _finish(encode_key, _submit(stages.encode_images, encode_request, config, refresh))
         outcomes["encode_images"] = StageOutcome(state=state, output=encoded.features_dir, key=encode_key.key)
         artifacts.publish_output("image-features", encoded.features_dir,
-                                 f"{encoded.num_images} images encoded ({encoded.size_bytes / 1e9:.1f} GB)")
+                                 f"{encoded.num_images} images encoded ({encoded.size_bytes / 1e9:.1f} GB)",
+                                 where=_where(config, "encode_images"))
         train_request = train_request.model_copy(update={"features_dir": encoded.features_dir})
     trained, state = _finish(train_key, _submit(stages.train, train_request, config, refresh))
     outcomes["train"] = StageOutcome(state=state, output=trained.adapter_dir, key=train_key.key)
     artifacts.publish_output("train-adapter", trained.adapter_dir, f"LoRA adapter, {trained.global_step} steps, "
-                             f"loss {trained.first_logged_loss} -> {trained.last_logged_loss}")
-    artifacts.publish_checkpoints(trained.checkpoints_dir)
-    artifacts.publish_training_stats(trained.adapter_dir)
+                             f"loss {trained.first_logged_loss} -> {trained.last_logged_loss}", where=_where(config, "train"))
+    artifacts.publish_checkpoints(trained.checkpoints_dir, where=_where(config, "train"))
+    artifacts.publish_training_stats(trained.adapter_dir, where=_where(config, "train"))
 
     export_key = keys.export_key(train_key.key, config.export)
     export_request = ExportRequest(
@@ -266,13 +294,12 @@ def _finetune_pipeline(config: PipelineConfig, refresh: bool) -> PipelineResult:
     )
     exported, state = _finish(export_key, _submit(stages.export, export_request, config, refresh))
     outcomes["export"] = StageOutcome(state=state, output=exported.merged_dir, key=export_key.key)
-    artifacts.publish_output("merged-model", exported.merged_dir, f"Merged {exported.dtype} model")
+    artifacts.publish_output("merged-model", exported.merged_dir, f"Merged {exported.dtype} model",
+                             where=_where(config, "export"))
 
     # Train/serve consistency before anything is evaluated or promoted: the served merged model against the
     # adapter and the training prompt, on a few test images. One server for the check and the fine-tuned
     # evaluation, none when both are on disk. A mismatch fails the run, with its report as an artifact.
-    from modal_jobs.serve import stop_server
-
     finetuned_identity = f"export:{export_key.key}"
     check_key = keys.consistency_key(export_key.key, dataset.fingerprint, config.serve, config.instruction)
     check_request = ConsistencyRequest(
@@ -280,46 +307,51 @@ def _finetune_pipeline(config: PipelineConfig, refresh: bool) -> PipelineResult:
         dataset_dir=dataset.path, instruction=config.instruction, api_key_env=config.serve.api_key_env,
         output_path=f"runs/{train_key.key}/consistency-{check_key.key}.json",
     )
-    finetuned_eval = "evals/" + keys.evaluate_key(finetuned_identity, dataset.fingerprint, config.evaluate,
-                                                  config.instruction).key + ".json"
-    on_disk = get_executor(ExecutorSpec.for_stage(config, "consistency")).output_exists
-    served = None
-    if refresh or not on_disk(check_request.output_path) or not get_executor(
-        ExecutorSpec.for_stage(config, "evaluate")
-    ).output_exists(finetuned_eval):
-        served = _serve(config, exported.merged_dir)
-        outcomes["serve_finetuned"] = StageOutcome(state="Completed", output=served.base_url)
-        check_request = check_request.model_copy(update={"base_url": served.base_url, "model_name": served.model_name})
-    else:
+    finetuned_eval = EvaluateRequest(
+        evaluate=config.evaluate, base_url="", model_name="", dataset_dir=dataset.path, instruction=config.instruction,
+        output_path="evals/" + keys.evaluate_key(finetuned_identity, dataset.fingerprint, config.evaluate,
+                                                 config.instruction).key + ".json",
+    )
+    needs_server = (refresh or not _on_disk(stages.consistency, check_request, config)
+                    or not _on_disk(stages.evaluate, finetuned_eval, config))
+    if not needs_server:
         outcomes["serve_finetuned"] = StageOutcome(state="Skipped", output="check and evaluation already on disk")
-    try:
+    with serving_if(needs_server, config, exported.merged_dir) as served:
+        if served is not None:
+            outcomes["serve_finetuned"] = StageOutcome(state="Completed", output=served.base_url)
+            check_request = check_request.model_copy(
+                update={"base_url": served.base_url, "model_name": served.model_name})
         checked, state = _finish(check_key, _submit(stages.consistency, check_request, config, refresh))
         outcomes["consistency"] = StageOutcome(
             state=state if checked.passed else "Failed", output=checked.report_path, key=check_key.key
         )
-        artifacts.publish_consistency(checked)
+        artifacts.publish_consistency(checked, where=get_executor(ExecutorSpec.for_stage(config, "consistency")))
         checked.raise_for_mismatch()
         finetuned = _evaluate_model(config, "finetuned", exported.merged_dir, finetuned_identity,
                                     dataset.fingerprint, dataset.path, refresh, outcomes, served=served)
-    finally:
-        if served is not None and served.pid is not None:
-            stop_server(served.pid)
     evaluations = {
         "base": _evaluate_model(config, "base", model.path, model.fingerprint, dataset.fingerprint, dataset.path,
                                 refresh, outcomes),
         "finetuned": finetuned,
     }
+    evaluated = get_executor(ExecutorSpec.for_stage(config, "evaluate"))
     artifacts.publish_metrics(evaluations)
-    artifacts.publish_eval_report(evaluations)
+    artifacts.publish_eval_report(evaluations, where=evaluated)
+    # Paths as what they are: local files, or places on the Modal Volume (`vlmpipe pull` fetches those).
+    shown = {stage: get_executor(ExecutorSpec.for_stage(config, stage)).display_path
+             for stage in ("prepare_dataset", "prepare_model", "train", "export")}
     result = PipelineResult(
         stages=outcomes,
-        dataset_dir=str(resolve(dataset.path)),
-        model_dir=str(resolve(model.path)),
-        adapter_dir=str(resolve(trained.adapter_dir)),
-        merged_dir=str(resolve(exported.merged_dir)),
+        dataset_dir=shown["prepare_dataset"](dataset.path),
+        model_dir=shown["prepare_model"](model.path),
+        adapter_dir=shown["train"](trained.adapter_dir),
+        merged_dir=shown["export"](exported.merged_dir),
         metrics={label: e.metrics.model_dump() for label, e in evaluations.items()},
-        results_files={label: str(resolve(e.results_path)) for label, e in evaluations.items()},
+        results_files={label: evaluated.display_path(e.results_path) for label, e in evaluations.items()},
         storage_root=str(storage_root()),
+        remote_outputs={stage: location for stage, location in (
+            ("merged", exported.merged_dir), ("adapter", trained.adapter_dir))
+            if config.executor_for("export" if stage == "merged" else "train") == "modal"},
     )
     logger.info("merged model: %s", result.merged_dir)
     for label, metrics in result.metrics.items():

@@ -21,8 +21,22 @@ from pydantic import BaseModel
 
 from flows.pipeline import PipelineResult, StageOutcome, finetune_pipeline
 from modal_jobs.config import PipelineConfig
-from modal_jobs.registry import ChampionChanged, Decision, Entry, judge, read_registry, record, registry_path
-from modal_jobs.storage import check_writable, read_manifest, relative, resolve, short_hash
+from modal_jobs.registry import (
+    ChampionChanged,
+    Decision,
+    Entry,
+    judge,
+    read_registry,
+    record,
+    registry_path,
+)
+from modal_jobs.storage import (
+    check_writable,
+    read_manifest,
+    resolve,
+    short_hash,
+)
+from tasks.champion import publish_champion
 
 # Each attempt re-reads the registry; another retrain can only win the race so many times in a row.
 _DECIDE_ATTEMPTS = 3
@@ -66,10 +80,10 @@ def _candidate(result: PipelineResult, config: PipelineConfig) -> tuple[Entry, s
     dataset_key = result.stages["prepare_dataset"].key or ""
     # The content fingerprint is what the pipeline's evaluation keys use; the key is a fine stand-in when
     # the manifest is not readable here (a Modal volume).
-    fingerprint = (read_manifest(result.dataset_dir) or {}).get("content_fingerprint") or dataset_key
+    fingerprint = (read_manifest(result.stages["prepare_dataset"].output or "") or {}).get("content_fingerprint") or dataset_key
     export_key = result.stages["export"].key
     entry = Entry(
-        event="rejected", merged_dir=relative(resolve(result.merged_dir)), metric=config.promote.metric,
+        event="rejected", merged_dir=result.stages["export"].output, metric=config.promote.metric,
         metrics=result.metrics["finetuned"], model_identity=f"export:{export_key}",
         train_key=result.stages["train"].key, export_key=export_key, dataset_key=dataset_key,
         dataset_fingerprint=fingerprint, eval_basis=eval_basis(fingerprint, config),
@@ -89,7 +103,7 @@ def _champion_metrics(champion: Entry | None, candidate: Entry, config: Pipeline
     get_run_logger().info("the champion was scored on another test set or settings: scoring it on this one")
     evaluation = _evaluate_model(
         config, "champion", champion.merged_dir, champion.model_identity or f"merged:{champion.merged_dir}",
-        dataset_fingerprint, result.dataset_dir, False, outcomes,
+        dataset_fingerprint, result.stages["prepare_dataset"].output, False, outcomes,
     )
     return evaluation.metrics.model_dump()
 
@@ -170,6 +184,10 @@ def retrain(config: PipelineConfig = PipelineConfig(), refresh: bool = False) ->
             logger.warning("%s", changed)
 
     logger.info("%s", decision.reason)
+    if decision.verdict == "promoted":
+        published = publish_champion(config, registry.champion)
+        if published:
+            logger.info("the production endpoint now serves %s (%s)", registry.champion.merged_dir, published)
     publish_promotion(name, decision, candidate, judged_against, champion_metrics)
     return RetrainResult(
         verdict=decision.verdict, decision=decision, registry=name,

@@ -14,10 +14,9 @@ Every stage function takes the request as a JSON dict and answers with an envelo
 answered, not raised, because Modal retries every raised exception and a retry cannot fix a bad config; any
 other failure is raised, so Modal's retries (train) and then the Prefect task's retries get their turn.
 
-Serving: `serve` (the executor's stage) writes the model to serve into /data/serving/current.json, commits,
-and waits until the `vllm_server` web endpoint answers for that model. `vllm_server` reads that file when a
-container starts, and watches it: when it names another model, the container stops taking requests and
-exits, so the next request starts a fresh container on the new model. One app serves one model at a time.
+Serving: the `serve` stage starts vLLM for one model in a GPU Sandbox of its own and returns its tunnel URL;
+the flow terminates it when done. `vllm_server` is the production endpoint: the registry's champion, changed only
+by a promotion or a rollback (see "serving" below). VLMPIPE_REGISTRY names that registry at deploy time.
 
 Importing this module is cheap and offline: no token, no network, no torch. Nothing here contacts Modal
 until a function runs.
@@ -49,11 +48,9 @@ APP_NAME = os.environ.get("VLMPIPE_MODAL_APP", "vlmpipe")
 VOLUME_NAME = "vlmpipe-data"
 SECRET_NAME = "vlmpipe-secrets"  # HF_TOKEN, optionally WANDB_API_KEY and an endpoint key (see docs/modal.md)
 DATA_DIR = "/data"  # the Volume's mount point, and the storage root (VLMPIPE_HOME) in every container
-SERVING_POINTER = "serving/current.json"  # relative to the storage root: which model the endpoint serves
 WEB_PORT = 8000
 WEB_STARTUP_TIMEOUT_S = 5 * MINUTES  # loading 8.6 GB of weights onto an L40S takes a few minutes cold
-POINTER_POLL_S = 15  # how often a serving container checks whether it should hand over to a new model
-SERVE_READY_TIMEOUT_S = 12 * MINUTES  # a cold start, plus an old container draining and handing over
+SERVE_READY_TIMEOUT_S = 12 * MINUTES  # a GPU Sandbox's cold start and 8.6 GB of weights loaded by vLLM
 
 # --- images, from committed lock files -----------------------------------------------------------------------
 # Each image installs exactly its lock, modal_jobs/locks/<image>.txt: every package, dependencies included, at
@@ -189,10 +186,12 @@ STAGE_SPECS: dict[str, StageSpec] = {
     "encode_images": StageSpec(
         gpu_image, GPUS.encode_images, 3 * HOURS, cpu=4.0, memory_mib=32 * 1024
     ),
-    "export": StageSpec(gpu_image, GPUS.export, 1 * HOURS, cpu=4.0, memory_mib=32 * 1024),
+    # The merge runs on the CPU (float32 sums, then bf16): a GPU would sit idle, billed. 8 cores and room for the
+    # base model in float32 (17 GB for Gemma 3 4B) next to the merged copy.
+    "export": StageSpec(cpu_image, GPUS.export, 1 * HOURS, cpu=8.0, memory_mib=48 * 1024),
     # Base + adapter beside the merged model on a handful of images, and a few requests to the endpoint.
     "consistency": StageSpec(gpu_image, GPUS.consistency, 1 * HOURS, cpu=4.0, memory_mib=48 * 1024),
-    # Points the endpoint at a model and waits for it: no GPU of its own (the endpoint has one).
+    # Starts a vLLM Sandbox for one model and waits for it: no GPU of its own (the Sandbox has one).
     "serve": StageSpec(cpu_image, None, SERVE_READY_TIMEOUT_S + 5 * MINUTES, cpu=1.0, memory_mib=1024),
     "evaluate": StageSpec(cpu_image, GPUS.evaluate, 2 * HOURS, cpu=2.0, memory_mib=4 * 1024),
 }
@@ -298,17 +297,32 @@ def evaluate(request: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- serving -------------------------------------------------------------------------------------------------
+# Two kinds of server, never the same one:
+# - an evaluation server: the `serve` stage starts vLLM for one model in a GPU Sandbox of its own (an encrypted
+#   port, reached through its tunnel URL), named after the model, the serve config and the flow run it serves, so a
+#   Prefect retry finds and reuses it and two pipelines never share one. The flow terminates it when its
+#   consistency check and evaluation are done (ModalExecutor.stop_serving); should the flow die first, the Sandbox
+#   ends itself after SANDBOX_IDLE_TIMEOUT_S without a request, and at SANDBOX_TIMEOUT_S whatever happens.
+# - the production endpoint (`vllm_server`, a web server): always the champion of the registry named by
+#   VLMPIPE_REGISTRY at deploy time. Only a promotion or a rollback changes the champion, so only they change what
+#   it serves: each container watches the registry and hands over when the champion changes.
+
+SANDBOX_IDLE_TIMEOUT_S = 20 * MINUTES  # consistency loads three models before its first request: minutes, cold
+SANDBOX_TIMEOUT_S = 6 * HOURS  # a 7,632-image evaluation at 8 in flight takes well under an hour on an L40S
+SERVE_CPU = 4.0  # vLLM's API server, tokenizer and image preprocessing run on the host
+SERVE_MEMORY_MIB = 32 * 1024  # the weights pass through host memory on load (8.6 GB for Gemma 3 4B in bf16)
+REGISTRY_NAME = os.environ.get("VLMPIPE_REGISTRY", "latex-ocr")  # promote.registry_name of the production config
+REGISTRY_POLL_S = 15  # how often an endpoint container checks whether the champion changed
 
 
-def serving_pointer(request: dict[str, Any]) -> dict[str, Any]:
-    """What the endpoint should serve, from a ServeRequest; InputError when it cannot be served."""
+def serve_settings(request: dict[str, Any]) -> tuple[Any, str, str]:
+    """(typed request, model path inside the container, served model name); InputError when it cannot be served."""
     from modal_jobs.schemas import ServeRequest
     from modal_jobs.storage import relative, resolve, storage_root
 
     typed = ServeRequest.model_validate(request)
-    cfg = typed.serve
-    if cfg.backend == "transformers":
-        raise InputError("serve.backend=transformers: the Modal endpoint runs vLLM; use serve.backend auto or vllm")
+    if typed.serve.backend == "transformers":
+        raise InputError("serve.backend=transformers: on Modal the model is served by vLLM; use serve.backend auto or vllm")
     model_dir = resolve(typed.model_dir)
     try:
         model_dir.relative_to(storage_root())
@@ -319,72 +333,167 @@ def serving_pointer(request: dict[str, Any]) -> dict[str, Any]:
         ) from None
     if not (model_dir / "config.json").is_file():
         raise InputError(f"model_dir {typed.model_dir} has no config.json on the Volume: export a merged model first")
-    if cfg.api_key_env is not None and not os.environ.get(cfg.api_key_env):
+    api_key_env = typed.serve.api_key_env
+    if api_key_env is not None and not os.environ.get(api_key_env):
         raise InputError(
-            f"serve.api_key_env names {cfg.api_key_env}, which the {SECRET_NAME} Secret does not set: add it with "
-            f"`modal secret create --force {SECRET_NAME} ... {cfg.api_key_env}=...`"
+            f"serve.api_key_env names {api_key_env}, which the {SECRET_NAME} Secret does not set: add it with "
+            f"`modal secret create --force {SECRET_NAME} ... {api_key_env}=...`"
         )
     name = relative(model_dir)  # the storage-relative path, as the local vLLM backend names it
-    return {
-        "model_dir": name,
-        "model_name": name,
-        "gpu_memory_utilization": cfg.gpu_memory_utilization,
-        "enforce_eager": cfg.enforce_eager,
-        "api_key_env": cfg.api_key_env,
-    }
+    return typed, f"{DATA_DIR}/{name}", name
 
 
-def vllm_command(pointer: dict[str, Any]) -> list[str]:
-    """`vllm serve` for the pointed-at model. No --trust-remote-code: Gemma 3 is built into vLLM. No
-    --api-key either: the key goes through the environment (VLLM_API_KEY), out of `ps` and the logs."""
-    argv = [
-        "vllm", "serve", f"{DATA_DIR}/{pointer['model_dir']}",
-        "--served-model-name", pointer["model_name"],
-        "--host", "0.0.0.0",
-        "--port", str(WEB_PORT),
-        "--tensor-parallel-size", "1",
-        "--gpu-memory-utilization", str(pointer["gpu_memory_utilization"]),
-    ]
-    if pointer["enforce_eager"]:
-        argv.append("--enforce-eager")
-    return argv
+def vllm_command(model_path: str, model_name: str, serve_config: Any) -> list[str]:
+    """`vllm serve` for a model on the Volume, with the serve config applied exactly as the local backend does."""
+    from modal_jobs.serve import vllm_arguments
+
+    return vllm_arguments("vllm", model_path, model_name, serve_config, "0.0.0.0", WEB_PORT)
 
 
-def vllm_environment(pointer: dict[str, Any], environ: dict[str, str]) -> dict[str, str]:
-    """The server's environment: an API key only when the served config asks for one (serve.api_key_env), so
-    a key left in the Secret cannot lock out an evaluator that was not given it."""
-    env = {name: value for name, value in environ.items() if name != "VLLM_API_KEY"}
-    if pointer.get("api_key_env"):
-        env["VLLM_API_KEY"] = environ[pointer["api_key_env"]]
-    return env
+def key_environment(serve_config: Any, environ: dict[str, str]) -> dict[str, str]:
+    """VLLM_API_KEY only when the served config asks for a key (serve.api_key_env), so a key left in the Secret
+    cannot lock out an evaluator that was not given it."""
+    if serve_config.api_key_env:
+        return {"VLLM_API_KEY": environ[serve_config.api_key_env]}
+    return {}
 
 
-def _pointer_identity(pointer: dict[str, Any]) -> str:
-    return json.dumps({k: v for k, v in pointer.items() if k != "updated_at"}, sort_keys=True)
+def sandbox_name(typed_request: Any) -> str:
+    """One evaluation server per (model, serve config, flow run): what a retry finds again, and nobody else."""
+    from modal_jobs.storage import short_hash
+
+    identity = [typed_request.model_dir, typed_request.serve.model_dump(mode="json"), typed_request.session]
+    return f"eval-{short_hash(identity)}"
 
 
-def _read_committed_pointer() -> dict[str, Any]:
-    # Volume.read_file reads the last committed version over the API: unlike volume.reload() it does not
-    # fail while vLLM holds files on the Volume open.
-    return json.loads(b"".join(volume.read_file(SERVING_POINTER)))
+def endpoint_serves(base_url: str, model_name: str, api_key: str | None, timeout_s: float = 120.0) -> bool:
+    """True once GET <base_url>/models lists `model_name`: the server we started answers, not just any server."""
+    request = urllib.request.Request(f"{base_url}/models")
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            listing = json.loads(response.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return False  # starting, or a blip: both mean "not yet"
+    return any(entry.get("id") == model_name for entry in listing.get("data") or [])
 
 
-def _watch_pointer(identity: str, process: subprocess.Popen) -> None:
-    """Hand over when the pointer moves to another model; die with the server if it dies."""
+def _running_sandbox(name: str) -> Any | None:
+    try:
+        sandbox = modal.Sandbox.from_name(APP_NAME, name)
+    except modal.exception.NotFoundError:
+        return None
+    return sandbox if sandbox.poll() is None else None
+
+
+def start_evaluation_server(request: dict[str, Any], ready_timeout_s: float) -> dict[str, Any]:
+    """vLLM for one model in a GPU Sandbox (or the one a previous attempt of this stage started); returns a
+    ServeResult once the server lists the model."""
+    from modal_jobs.schemas import ServeResult
+
+    typed, model_path, model_name = serve_settings(request)
+    name = sandbox_name(typed)
+    sandbox = _running_sandbox(name)
+    if sandbox is None:
+        argv = vllm_command(model_path, model_name, typed.serve)
+        print(f"starting Sandbox {name}: $ {' '.join(argv)}", file=sys.stderr)
+        key_env = key_environment(typed.serve, dict(os.environ))
+        sandbox = modal.Sandbox.create(
+            *argv,
+            app=modal.App.lookup(APP_NAME),
+            name=name,
+            image=vllm_image,
+            gpu=GPUS.serve,
+            cpu=SERVE_CPU,
+            memory=SERVE_MEMORY_MIB,
+            volumes={DATA_DIR: volume},
+            # The key as a Secret of its own: out of argv, the Sandbox's listing and the logs.
+            secrets=[secret] + ([modal.Secret.from_dict(key_env)] if key_env else []),
+            encrypted_ports=[WEB_PORT],
+            timeout=SANDBOX_TIMEOUT_S,
+            idle_timeout=SANDBOX_IDLE_TIMEOUT_S,
+        )
+    else:
+        print(f"reusing the running Sandbox {name} ({sandbox.object_id})", file=sys.stderr)
+    base_url = sandbox.tunnels()[WEB_PORT].url.rstrip("/") + "/v1"
+    api_key = os.environ[typed.serve.api_key_env] if typed.serve.api_key_env else None
+    deadline = time.monotonic() + ready_timeout_s
+    try:
+        while not endpoint_serves(base_url, model_name, api_key):
+            code = sandbox.poll()
+            if code is not None:
+                raise RuntimeError(
+                    f"the vLLM Sandbox {sandbox.object_id} for {model_name} exited with code {code} before it served; "
+                    f"see `modal app logs {APP_NAME}` or the Sandbox's page in the Modal dashboard"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"the vLLM Sandbox {sandbox.object_id} did not serve {model_name} within {ready_timeout_s:.0f} s "
+                    "(serve.startup_timeout_s); it was stopped"
+                )
+            time.sleep(5)
+    except BaseException:
+        sandbox.terminate()  # never leave a GPU running that nobody will use
+        raise
+    return ServeResult(base_url=base_url, model_name=model_name, backend="vllm", pid=None,
+                       sandbox_id=sandbox.object_id).model_dump(mode="json")
+
+
+@app.function(**_function_options("serve"))
+def serve(request: dict[str, Any]) -> dict[str, Any]:
+    """Start an evaluation server for a model on the Volume; returns a ServeResult once it answers for it."""
+    if _in_container():
+        volume.reload()  # the merged model was committed by the export container
+    ready_timeout_s = max(SERVE_READY_TIMEOUT_S, float(request.get("serve", {}).get("startup_timeout_s") or 0))
+    try:
+        result = start_evaluation_server(request, ready_timeout_s)
+    except Exception as error:
+        if type(error).__name__ not in INPUT_ERROR_TYPES:
+            raise
+        traceback.print_exc()
+        return _error_envelope(error)
+    return {"ok": True, "result": result}
+
+
+# --- the production endpoint: the registry's champion ---------------------------------------------------------
+
+
+def champion_to_serve(serving_json: str) -> dict[str, Any] | None:
+    """What the endpoint serves, from serving/<registry>.json: the champion's merged model and the serve config of
+    the run that promoted it. Only a promotion or a rollback writes that file (tasks.champion); None: no champion."""
+    serving = json.loads(serving_json)
+    if not serving.get("model_dir"):
+        return None
+    return {"model_dir": serving["model_dir"], "serve": serving.get("serve") or {}}
+
+
+def _serving_file() -> str:
+    return f"serving/{REGISTRY_NAME}.json"
+
+
+def _read_committed_serving_file() -> str:
+    # Volume.read_file reads the last committed version over the API: unlike volume.reload() it does not fail
+    # while vLLM holds files on the Volume open.
+    return b"".join(volume.read_file(_serving_file())).decode()
+
+
+def _watch_champion(serving: dict[str, Any], process: subprocess.Popen) -> None:
+    """Hand over when a promotion or rollback changes the champion; die with the server if it dies."""
     while process.poll() is None:
-        time.sleep(POINTER_POLL_S)
+        time.sleep(REGISTRY_POLL_S)
         try:
-            latest = _read_committed_pointer()
+            latest = champion_to_serve(_read_committed_serving_file())
         except Exception as error:  # a blip in the API must not take the endpoint down
-            print(f"warning: could not read {SERVING_POINTER}: {error}", file=sys.stderr)
+            print(f"warning: could not read {_serving_file()}: {error}", file=sys.stderr)
             continue
-        if _pointer_identity(latest) != identity:
-            print(f"the endpoint now serves {latest.get('model_name')}: this container stops taking requests",
+        if latest != serving:
+            print(f"the champion is now {latest and latest['model_dir']}: this container stops taking requests",
                   file=sys.stderr)
             try:
                 import modal.experimental
 
-                # Finish the requests in flight, take no more, exit; the next request starts a fresh container.
+                # Finish the requests in flight, take no more, exit; the next request starts on the new champion.
                 modal.experimental.stop_fetching_inputs()
                 return
             except Exception as error:
@@ -398,6 +507,8 @@ def _watch_pointer(identity: str, process: subprocess.Popen) -> None:
 @app.function(
     image=vllm_image,
     gpu=GPUS.serve,
+    cpu=SERVE_CPU,
+    memory=SERVE_MEMORY_MIB,
     volumes={DATA_DIR: volume},
     secrets=[secret],
     timeout=10 * MINUTES,  # per request: a long generation, never the container's life
@@ -407,74 +518,21 @@ def _watch_pointer(identity: str, process: subprocess.Popen) -> None:
 @modal.concurrent(max_inputs=50)
 @modal.web_server(port=WEB_PORT, startup_timeout=WEB_STARTUP_TIMEOUT_S)
 def vllm_server() -> None:
-    """The OpenAI-compatible endpoint: vLLM on the model named in /data/serving/current.json."""
+    """The production OpenAI-compatible endpoint: vLLM on the champion of the VLMPIPE_REGISTRY registry."""
+    from modal_jobs.config import ServeConfig
     from modal_jobs.storage import resolve
 
-    pointer_path = resolve(SERVING_POINTER)
-    if not pointer_path.is_file():
+    serving_file = resolve(_serving_file())
+    serving = champion_to_serve(serving_file.read_text()) if serving_file.is_file() else None
+    if serving is None:
         raise RuntimeError(
-            f"nothing to serve: {pointer_path} does not exist. Run the pipeline's serve stage, or call this app's "
-            "`serve` function with {'serve': {}, 'model_dir': 'runs/<key>/merged-<key>'} (see docs/modal.md)"
+            f"nothing to serve: registry {REGISTRY_NAME!r} has no champion yet. Run `vlmpipe retrain --config "
+            "configs/modal.yaml` (a model is promoted when it beats the champion), see docs/modal.md"
         )
-    pointer = json.loads(pointer_path.read_text())
-    argv = vllm_command(pointer)
+    serve_config = ServeConfig.model_validate(serving["serve"])
+    argv = vllm_command(f"{DATA_DIR}/{serving['model_dir']}", serving["model_dir"], serve_config)
     print("$ " + " ".join(argv), file=sys.stderr)
     # Output goes to the container's log (`modal app logs`), never to a file on the Volume.
-    process = subprocess.Popen(argv, env=vllm_environment(pointer, dict(os.environ)))
-    threading.Thread(target=_watch_pointer, args=(_pointer_identity(pointer), process), daemon=True).start()
-
-
-def endpoint_serves(base_url: str, model_name: str, api_key: str | None, timeout_s: float = 120.0) -> bool:
-    """True once GET <base_url>/models lists `model_name`. A cold endpoint holds the request while a
-    container starts, hence the long per-request timeout."""
-    request = urllib.request.Request(f"{base_url}/models")
-    if api_key:
-        request.add_header("Authorization", f"Bearer {api_key}")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            listing = json.loads(response.read())
-    except (urllib.error.URLError, OSError, ValueError):
-        return False  # starting, handing over, or a blip: all mean "not yet"
-    return any(entry.get("id") == model_name for entry in listing.get("data") or [])
-
-
-def point_endpoint(request: dict[str, Any], web_url: str | None, ready_timeout_s: float) -> dict[str, Any]:
-    """Write the serving pointer, commit it, and wait until the endpoint answers for that model."""
-    from modal_jobs.schemas import ServeResult
-    from modal_jobs.storage import atomic_write_json
-
-    pointer = serving_pointer(request)
-    atomic_write_json(SERVING_POINTER, {**pointer, "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    if _in_container():
-        volume.commit()  # the serving containers read the committed pointer
-    if not web_url:
-        raise RuntimeError(f"the {APP_NAME} app's vllm_server function has no web URL: redeploy the app")
-    base_url = web_url.rstrip("/") + "/v1"
-    api_key = os.environ[pointer["api_key_env"]] if pointer["api_key_env"] else None
-    deadline = time.monotonic() + ready_timeout_s
-    while not endpoint_serves(base_url, pointer["model_name"], api_key):
-        if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"the endpoint {base_url} did not serve {pointer['model_name']} within {ready_timeout_s:.0f} s; "
-                f"see `modal app logs {APP_NAME}`"
-            )
-        time.sleep(5)
-    return ServeResult(base_url=base_url, model_name=pointer["model_name"], backend="vllm", pid=None).model_dump(
-        mode="json"
-    )
-
-
-@app.function(**_function_options("serve"))
-def serve(request: dict[str, Any]) -> dict[str, Any]:
-    """Point the web endpoint at a model on the Volume; returns a ServeResult once it answers for it."""
-    if _in_container():
-        volume.reload()  # the merged model was committed by the export container
-    ready_timeout_s = max(SERVE_READY_TIMEOUT_S, float(request.get("serve", {}).get("startup_timeout_s") or 0))
-    try:
-        result = point_endpoint(request, vllm_server.get_web_url(), ready_timeout_s)
-    except Exception as error:
-        if type(error).__name__ not in INPUT_ERROR_TYPES:
-            raise
-        traceback.print_exc()
-        return _error_envelope(error)
-    return {"ok": True, "result": result}
+    env = {name: value for name, value in os.environ.items() if name != "VLLM_API_KEY"}
+    process = subprocess.Popen(argv, env={**env, **key_environment(serve_config, dict(os.environ))})
+    threading.Thread(target=_watch_champion, args=(serving, process), daemon=True).start()

@@ -230,7 +230,7 @@ class StageGpus(Section):
     prepare_model: str | None = Field(None, description="Downloading weights needs no GPU.")
     encode_images: str | None = Field("A100-80GB", description="The frozen vision tower over every image, once.")
     train: str | None = "A100-80GB"
-    export: str | None = "A100-80GB"
+    export: str | None = Field(None, description="The merge runs on the CPU; a GPU would idle, billed.")
     consistency: str | None = Field("A100-80GB", description="Loads base + adapter and the merged model side by side.")
     serve: str | None = "L40S"
     evaluate: str | None = None
@@ -252,14 +252,23 @@ class ModalConfig(Section):
         "vlmpipe", pattern=SAFE_NAME, description="The deployed Modal app (`modal deploy modal_jobs/app.py`)."
     )
     gpu: StageGpus = Field(default_factory=lambda: StageGpus(), description="GPU type per stage; null is CPU.")
+    # The cost artifact prices each function by what it requests: GPUs + CPU cores + memory (Modal bills all three,
+    # for what is requested or used, whichever is more). Check Modal's pricing page; these drift.
     gpu_price_per_hour: dict[str, float] = Field(
         default_factory=lambda: {
-            "CPU": 0.17, "T4": 0.59, "L4": 0.80, "A10G": 1.10, "L40S": 1.95, "A100-40GB": 2.10,
+            "T4": 0.59, "L4": 0.80, "A10G": 1.10, "L40S": 1.95, "A100-40GB": 2.10,
             "A100-80GB": 2.50, "H100": 3.95, "H200": 4.54, "B200": 6.25,
         },
-        description="USD per hour, for the cost artifact. Check Modal's pricing page; these drift.",
+        description="USD per GPU-hour, for the cost artifact.",
     )
+    cpu_core_price_per_hour: float = Field(0.0473, ge=0, description="USD per physical core-hour.")
+    memory_gib_price_per_hour: float = Field(0.0080, ge=0, description="USD per GiB-hour of memory.")
     poll_interval_s: PositiveFloat = 10.0
+    reconnect_timeout_s: PositiveFloat = Field(
+        900.0,
+        description="How long to keep re-attaching to a running call while Modal is unreachable before the task "
+        "fails as retryable (the call keeps running; the retry re-attaches).",
+    )
 
 
 class PipelineConfig(Section):

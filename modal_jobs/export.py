@@ -41,6 +41,15 @@ def export(request: ExportRequest) -> ExportResult:
         raise InputError(f"{adapter_dir} is not a LoRA adapter folder (no adapter_config.json)")
     if not (model_dir / "config.json").exists():
         raise InputError(f"base model folder {model_dir} has no config.json")
+    if request.export.hub_id:
+        from modal_jobs.hub import hub_token
+
+        # Checked here, where the push happens (on Modal the token lives in the Secret), before the merge.
+        if not hub_token():
+            raise InputError(
+                "export.hub_id is set but no HF_TOKEN reaches the export job: set it in the environment, a Prefect "
+                "Secret block (hf-token) or, on Modal, the vlmpipe-secrets Secret; or unset export.hub_id"
+            )
 
     import torch
     from peft import PeftModel

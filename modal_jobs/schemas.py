@@ -125,6 +125,9 @@ class ExportResult(Message):
 class ServeRequest(Message):
     serve: ServeConfig
     model_dir: str
+    session: str | None = Field(
+        None, description="Who the server is for (the flow run id): two pipelines never share a server."
+    )
 
 
 class ServeResult(Message):
@@ -132,6 +135,7 @@ class ServeResult(Message):
     model_name: str = Field(description="The `model` value requests must carry.")
     backend: str
     pid: int | None = Field(None, description="Local server process (None when the endpoint is remote).")
+    sandbox_id: str | None = Field(None, description="The Modal Sandbox running the server (None when local).")
 
 
 # --- evaluate ----------------------------------------------------------------------------------------

@@ -224,6 +224,26 @@ def _model_dir(request: ServeRequest) -> Path:
     return model_dir
 
 
+def vllm_arguments(executable: str, model_path: str, model_name: str, cfg: ServeConfig, host: str,
+                   port: int) -> list[str]:
+    """`vllm serve` as the serve config asks, here and on Modal alike. No --api-key: a key goes through the
+    environment (VLLM_API_KEY), out of `ps` and the logs. No --trust-remote-code: Gemma 3 is built into vLLM."""
+    argv = [
+        executable, "serve", model_path,
+        "--host", host,
+        "--port", str(port),
+        "--served-model-name", model_name,
+        "--gpu-memory-utilization", str(cfg.gpu_memory_utilization),
+        "--tensor-parallel-size", "1",
+        # Request size limits: a bounded context and one image per request (what this task sends).
+        "--max-model-len", str(cfg.max_model_len),
+        "--limit-mm-per-prompt", json.dumps({"image": cfg.max_images_per_request}),
+    ]
+    if cfg.enforce_eager:
+        argv.append("--enforce-eager")
+    return argv
+
+
 def _command(backend: str, model_dir: Path, cfg: ServeConfig, port: int) -> tuple[list[str], str, dict[str, str]]:
     """(argv, the `model` name requests must carry, extra environment)."""
     env: dict[str, str] = {}
@@ -234,20 +254,8 @@ def _command(backend: str, model_dir: Path, cfg: ServeConfig, port: int) -> tupl
     if backend == "vllm":
         # Named by its storage-relative path: the same on this machine and on the Modal Volume.
         model_name = relative(model_dir)
-        argv = [
-            _executable("vllm", "pip install vllm (a CUDA build, for GPU machines)"),
-            "serve", str(model_dir),
-            "--host", cfg.host,
-            "--port", str(port),
-            "--served-model-name", model_name,
-            "--gpu-memory-utilization", str(cfg.gpu_memory_utilization),
-            "--tensor-parallel-size", "1",
-            # Request size limits: a bounded context and one image per request (what this task sends).
-            "--max-model-len", str(cfg.max_model_len),
-            "--limit-mm-per-prompt", json.dumps({"image": cfg.max_images_per_request}),
-        ]
-        if cfg.enforce_eager:
-            argv.append("--enforce-eager")
+        executable = _executable("vllm", "pip install vllm (a CUDA build, for GPU machines)")
+        argv = vllm_arguments(executable, str(model_dir), model_name, cfg, cfg.host, port)
         if cfg.api_key_env is not None:
             # vLLM reads VLLM_API_KEY like --api-key; the environment keeps the key out of `ps` and the log.
             env["VLLM_API_KEY"] = os.environ[cfg.api_key_env]

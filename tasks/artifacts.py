@@ -13,15 +13,27 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from modal_jobs.storage import resolve
 
-
-def location_link(path: str) -> str:
-    """file:// for a local path; a storage-relative path is shown as the path on the volume otherwise."""
-    absolute = resolve(path)
-    return absolute.as_uri() if absolute.is_absolute() else path
+# Outputs are read where they live: `where` is the executor that wrote them (local disk, or the Modal Volume).
+# Without one, the local storage root.
 
 
-def publish_output(key: str, path: str, description: str) -> None:
-    create_link_artifact(location_link(path), link_text=str(resolve(path)), key=key, description=description)
+def location_link(path: str, where: Any = None) -> str:
+    """file:// for an output on this machine; its place on the Modal Volume (e.g. vlmpipe-data:/runs/...) otherwise."""
+    if where is not None and where.name == "modal":
+        return where.display_path(path)
+    return resolve(path).as_uri()
+
+
+def _display(path: str, where: Any = None) -> str:
+    return where.display_path(path) if where is not None else str(resolve(path))
+
+
+def _read_text(path: str, where: Any = None) -> str:
+    return where.read_text(path) if where is not None else resolve(path).read_text()
+
+
+def publish_output(key: str, path: str, description: str, where: Any = None) -> None:
+    create_link_artifact(location_link(path, where), link_text=_display(path, where), key=key, description=description)
 
 
 def publish_skipped_rows(rows: list[str]) -> None:
@@ -46,21 +58,23 @@ def publish_cache_decision(stage: str, state_name: str, key: str, changed: list[
     )
 
 
-def publish_checkpoints(checkpoints_dir: str) -> None:
+def publish_checkpoints(checkpoints_dir: str, where: Any = None) -> None:
     folder = resolve(checkpoints_dir)
-    found = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) if folder.exists() else []
-    lines = [f"- [{p.name}]({location_link(str(p))})" for p in found] or [f"`{checkpoints_dir}` (not readable here)"]
+    local = where is None or where.name != "modal"
+    found = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) if local and folder.exists() else []
+    lines = [f"- [{p.name}]({location_link(str(p))})" for p in found] or [f"`{_display(checkpoints_dir, where)}`"]
     create_markdown_artifact("# Checkpoints\n\n" + "\n".join(lines), key="train-checkpoints",
                              description="Every saved training checkpoint")
 
 
-def publish_training_stats(adapter_dir: str) -> None:
-    """The trainer's logged steps (loss, learning rate, grad norm) as a table, when the adapter is readable here."""
-    stats_path = resolve(adapter_dir) / "training_stats.json"
-    if not stats_path.exists():
+def publish_training_stats(adapter_dir: str, where: Any = None) -> None:
+    """The trainer's logged steps (loss, learning rate, grad norm) as a table, read where the adapter is."""
+    try:
+        stats = json.loads(_read_text(f"{adapter_dir}/training_stats.json", where))
+    except Exception:  # an adapter from before the stats were written (a missing file on the Volume is NotFoundError)
         return
     keep = ("step", "epoch", "loss", "learning_rate", "grad_norm", "train_runtime", "train_samples_per_second")
-    rows = [{k: entry[k] for k in keep if k in entry} for entry in json.loads(stats_path.read_text())]
+    rows = [{k: entry[k] for k in keep if k in entry} for entry in stats]
     create_table_artifact(rows, key="training-stats", description="Training log: loss and learning rate by step")
 
 
@@ -75,29 +89,29 @@ def publish_metrics(evaluations: dict[str, Any]) -> None:
     )
 
 
-def publish_eval_report(evaluations: dict[str, Any]) -> None:
+def publish_eval_report(evaluations: dict[str, Any], where: Any = None) -> None:
     """Metrics table with intervals, per-length breakdown, worst predictions, failed requests (from the results
     JSONs; an evaluation whose JSON is not readable here is reported from its metrics alone)."""
     from modal_jobs.evaluate import report_markdown
 
     details = {}
     for label, result in evaluations.items():
-        path = resolve(result.results_path)
         try:
-            details[label] = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            details[label] = {"metrics": result.metrics.model_dump(), "endpoint": f"(results {path} not readable here)"}
+            details[label] = json.loads(_read_text(result.results_path, where))
+        except Exception:  # unreadable: the metrics alone still make a report
+            details[label] = {"metrics": result.metrics.model_dump(),
+                              "endpoint": f"(results {_display(result.results_path, where)} not readable)"}
     create_markdown_artifact(report_markdown(details), key="eval-report",
                              description="Metrics with intervals, by length, worst predictions, failed requests")
 
 
-def publish_consistency(result: Any) -> None:
+def publish_consistency(result: Any, where: Any = None) -> None:
     """The train/serve consistency report: each check with its verdict, and the answers side by side."""
     from modal_jobs.consistency import report_markdown
 
     try:
-        report = json.loads(resolve(result.report_path).read_text())
-    except (OSError, json.JSONDecodeError):
+        report = json.loads(_read_text(result.report_path, where))
+    except Exception:  # unreadable: the result's own fields still make a report
         report = result.model_dump(mode="json")
     create_markdown_artifact(report_markdown(report), key="consistency",
                              description="Train/serve consistency: files, prompt, merged vs adapter, endpoint")

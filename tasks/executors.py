@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 
@@ -37,6 +37,11 @@ class TransientJobError(RuntimeError):
     """A job failed for a reason a retry may fix."""
 
 
+class JobCancelled(Exception):
+    """The job was cancelled from outside (a Modal call cancelled in its dashboard or CLI): final, never retried.
+    The stage's task ends Cancelled (tasks.stages)."""
+
+
 class Executor(Protocol):
     name: str
 
@@ -52,6 +57,14 @@ class Executor(Protocol):
 
     def output_exists(self, location: str) -> bool:
         """Whether a stage's output is finished: a folder with its manifest, or a file."""
+        ...
+
+    def display_path(self, location: str) -> str:
+        """Where a person finds a storage-relative output (a local path, or a place on the Modal Volume)."""
+        ...
+
+    def stop_serving(self, served: Any, seconds_up: float | None = None) -> None:
+        """Stop a server the serve stage started (a local process, or a Modal Sandbox)."""
         ...
 
 
@@ -93,6 +106,15 @@ class LocalExecutor:
 
     def read_text(self, path: str) -> str:
         return resolve(path).read_text()
+
+    def display_path(self, location: str) -> str:
+        return str(resolve(location))
+
+    def stop_serving(self, served: Any, seconds_up: float | None = None) -> None:
+        from modal_jobs.serve import stop_server
+
+        if served.pid is not None:
+            stop_server(served.pid)
 
     def output_exists(self, location: str) -> bool:
         # Verified, not just present: a folder whose files no longer match its manifest is recomputed, and

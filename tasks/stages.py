@@ -33,7 +33,7 @@ from modal_jobs.schemas import (
     TrainResult,
 )
 from modal_jobs.storage import resolve
-from tasks.executors import ExecutorSpec, get_executor
+from tasks.executors import ExecutorSpec, JobCancelled, get_executor
 
 
 def output_location(request: Any) -> str:
@@ -43,11 +43,28 @@ def output_location(request: Any) -> str:
     return getattr(request, "output_dir", None) or request.output_path
 
 
+def cache_key(stage: str, request: Any) -> str:
+    """A stage's cache key (and lock name): the stage name + the content-addressed output location."""
+    return f"{stage}-{output_location(request).replace('/', '-')}"
+
+
 class StageOutputPolicy(CachePolicy):
     """Cache key = stage name + the content-addressed output location of the request."""
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str:
-        return f"{task_ctx.task.name}-{output_location(inputs['request']).replace('/', '-')}"
+        return cache_key(task_ctx.task.name, inputs["request"])
+
+
+def run_job(executor: ExecutorSpec, stage: str, request: Any, on_poll: Any = None) -> Any:
+    """Hand the job to the executor. A job cancelled from outside ends its task Cancelled: final, never retried
+    (a Cancelled state is not a failure, so no retry policy sees it)."""
+    from prefect.states import Cancelled
+
+    try:
+        return get_executor(executor).run(stage, request, on_poll=on_poll)
+    except JobCancelled as error:
+        get_run_logger().warning("%s", error)
+        return Cancelled(message=str(error))
 
 
 def is_transient(task, task_run, state) -> bool:
@@ -73,13 +90,13 @@ _STAGE_TASK_OPTIONS: dict[str, Any] = dict(
 @task(name="prepare_dataset", **_STAGE_TASK_OPTIONS)
 def prepare_dataset(request: PrepareDatasetRequest, executor: ExecutorSpec = ExecutorSpec()) -> PrepareDatasetResult:
     """Load, validate (every image decoded) and save the dataset with canonical splits and columns."""
-    return get_executor(executor).run("prepare_dataset", request)
+    return run_job(executor, "prepare_dataset", request)
 
 
 @task(name="prepare_model", **_STAGE_TASK_OPTIONS)
 def prepare_model(request: PrepareModelRequest, executor: ExecutorSpec = ExecutorSpec()) -> PrepareModelResult:
     """Download, copy or build the base model into the storage root."""
-    return get_executor(executor).run("prepare_model", request)
+    return run_job(executor, "prepare_model", request)
 
 
 class _TrainingProgress:
@@ -116,34 +133,34 @@ class _TrainingProgress:
 @task(name="train", **{**_STAGE_TASK_OPTIONS, "retries": 1})
 def train(request: TrainRequest, executor: ExecutorSpec = ExecutorSpec()) -> TrainResult:
     """LoRA fine-tune; a retry resumes from the latest complete checkpoint."""
-    return get_executor(executor).run("train", request, on_poll=_TrainingProgress(request.output_dir))
+    return run_job(executor, "train", request, on_poll=_TrainingProgress(request.output_dir))
 
 
 @task(name="encode_images", **_STAGE_TASK_OPTIONS)
 def encode_images(request: EncodeRequest, executor: ExecutorSpec = ExecutorSpec()) -> EncodeResult:
     """The frozen vision tower + projector over every training image, once; cached on the storage root."""
-    return get_executor(executor).run("encode_images", request)
+    return run_job(executor, "encode_images", request)
 
 
 @task(name="export", **_STAGE_TASK_OPTIONS)
 def export(request: ExportRequest, executor: ExecutorSpec = ExecutorSpec()) -> ExportResult:
     """Merge the adapter into the base model; save 16-bit safetensors with the processor."""
-    return get_executor(executor).run("export", request)
+    return run_job(executor, "export", request)
 
 
 @task(name="serve", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=is_transient)
 def serve(request: ServeRequest, executor: ExecutorSpec = ExecutorSpec()) -> ServeResult:
     """Start an OpenAI-compatible server; returns once its health check passes. Not cached: it is a process."""
-    return get_executor(executor).run("serve", request)
+    return run_job(executor, "serve", request)
 
 
 @task(name="evaluate", **_STAGE_TASK_OPTIONS)
 def evaluate(request: EvaluateRequest, executor: ExecutorSpec = ExecutorSpec()) -> EvaluateResult:
     """Score the endpoint on held-out images: exact match, CER, WER; failed requests counted apart."""
-    return get_executor(executor).run("evaluate", request)
+    return run_job(executor, "evaluate", request)
 
 
 @task(name="consistency", **_STAGE_TASK_OPTIONS)
 def consistency(request: ConsistencyRequest, executor: ExecutorSpec = ExecutorSpec()) -> ConsistencyResult:
     """Train/serve consistency on a few test images: files, architecture, prompt ids, merged vs adapter, endpoint."""
-    return get_executor(executor).run("consistency", request)
+    return run_job(executor, "consistency", request)

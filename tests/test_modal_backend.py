@@ -89,17 +89,17 @@ def test_importing_the_app_needs_no_token_network_or_heavy_libraries(tmp_path):
 
 
 def test_every_stage_has_its_gpu_timeout_volume_secret_and_image():
-    # The defaults are StageGpus' (train and export on an A100-80GB, the rest on CPU); VLMPIPE_GPU_* in the
+    # The defaults are StageGpus' (train on an A100-80GB, export and data on CPU); VLMPIPE_GPU_* in the
     # environment of `modal deploy` overrides them (tested below), and so it does here.
     assert modal_app.stage_gpus({}) == StageGpus()
-    assert (StageGpus().train, StageGpus().export, StageGpus().prepare_dataset) == ("A100-80GB", "A100-80GB", None)
+    assert (StageGpus().train, StageGpus().export, StageGpus().prepare_dataset) == ("A100-80GB", None, None)
     gpus = modal_app.stage_gpus()
     expected = {
         # stage: (gpu, image, timeout_s)
         "prepare_dataset": (gpus.prepare_dataset, modal_app.cpu_image, 2 * 3600),
         "prepare_model": (gpus.prepare_model, modal_app.cpu_image, 3600),
         "train": (gpus.train, modal_app.gpu_image, 24 * 3600),
-        "export": (gpus.export, modal_app.gpu_image, 3600),
+        "export": (gpus.export, modal_app.cpu_image, 3600),  # the merge runs on the CPU: no idle GPU billed
         "evaluate": (gpus.evaluate, modal_app.cpu_image, 2 * 3600),
         "serve": (None, modal_app.cpu_image, modal_app.SERVE_READY_TIMEOUT_S + 300),  # the endpoint has the GPU
     }
@@ -210,31 +210,60 @@ def test_bad_input_is_answered_not_raised_so_modal_does_not_retry_it(vlmpipe_hom
 # --- serving -------------------------------------------------------------------------------------------------
 
 
-def test_the_serving_pointer_and_the_vllm_command(vlmpipe_home, tiny_model_dir):
+def test_the_evaluation_server_command_applies_the_serve_config(vlmpipe_home, tiny_model_dir):
     import shutil
 
+    from modal_jobs.config import ServeConfig
+
     shutil.copytree(tiny_model_dir, vlmpipe_home / "runs" / "k" / "merged")
-    pointer = modal_app.serving_pointer({"serve": {}, "model_dir": "runs/k/merged"})
-    assert pointer["model_name"] == "runs/k/merged"
-    argv = modal_app.vllm_command(pointer)
+    request = {"serve": {"max_model_len": 4096, "max_images_per_request": 2, "gpu_memory_utilization": 0.5},
+               "model_dir": "runs/k/merged", "session": "run-1"}
+    typed, model_path, model_name = modal_app.serve_settings(request)
+    assert (model_path, model_name) == ("/data/runs/k/merged", "runs/k/merged")
+    argv = modal_app.vllm_command(model_path, model_name, typed.serve)
     assert argv[:3] == ["vllm", "serve", "/data/runs/k/merged"]
     flags = " ".join(argv)
-    for flag in ("--served-model-name runs/k/merged", "--enforce-eager", "--gpu-memory-utilization 0.4",
-                 "--tensor-parallel-size 1", "--host 0.0.0.0", "--port 8000"):
+    for flag in ("--served-model-name runs/k/merged", "--enforce-eager", "--gpu-memory-utilization 0.5",
+                 "--tensor-parallel-size 1", "--host 0.0.0.0", "--port 8000", "--max-model-len 4096",
+                 '--limit-mm-per-prompt {"image": 2}'):
         assert flag in flags
     assert "--trust-remote-code" not in argv and "--api-key" not in argv
+    # The same flags as the local vLLM backend builds from the same config.
+    from modal_jobs.serve import vllm_arguments
+
+    assert argv == vllm_arguments("vllm", model_path, model_name, typed.serve, "0.0.0.0", 8000)
+
+    # One server per (model, serve config, flow run): a retry finds it again, another pipeline never does.
+    name = modal_app.sandbox_name(typed)
+    assert name == modal_app.sandbox_name(modal_app.serve_settings(request)[0])
+    assert name != modal_app.sandbox_name(modal_app.serve_settings({**request, "session": "run-2"})[0])
 
     # A key stays out of argv; it reaches vLLM only when the config asks for one.
     environ = {"PATH": "/bin", "VLLM_API_KEY": "stray", "MY_KEY": "sk-test"}
-    assert "VLLM_API_KEY" not in modal_app.vllm_environment(pointer, environ)
-    assert modal_app.vllm_environment({**pointer, "api_key_env": "MY_KEY"}, environ)["VLLM_API_KEY"] == "sk-test"
+    assert modal_app.key_environment(ServeConfig(), environ) == {}
+    assert modal_app.key_environment(ServeConfig(api_key_env="MY_KEY"), environ) == {"VLLM_API_KEY": "sk-test"}
 
     for bad, why in (({"serve": {}, "model_dir": "runs/none"}, "config.json"),
                      ({"serve": {"backend": "transformers"}, "model_dir": "runs/k/merged"}, "vLLM"),
                      ({"serve": {}, "model_dir": str(tiny_model_dir)}, "not on the Volume"),
                      ({"serve": {"api_key_env": "UNSET_KEY_NAME"}, "model_dir": "runs/k/merged"}, "Secret")):
         with pytest.raises(InputError, match=why):
-            modal_app.serving_pointer(bad)
+            modal_app.serve_settings(bad)
+
+
+def test_the_production_endpoint_serves_the_published_champion_only():
+    """What vllm_server serves comes from serving/<registry>.json, which only promotion and rollback write."""
+    from modal_jobs.config import PipelineConfig
+    from modal_jobs.registry import Entry
+    from tasks.champion import serving_record
+
+    config = PipelineConfig.model_validate({"serve": {"max_model_len": 2048}, "promote": {"registry_name": "r"}})
+    champion = Entry(event="promoted", merged_dir="runs/a/merged-b", metric="cer", metrics={}, decided_at="t",
+                     reason="better")
+    record = serving_record(config, champion)
+    serving = modal_app.champion_to_serve(json.dumps(record))
+    assert serving == {"model_dir": "runs/a/merged-b", "serve": config.serve.model_dump(mode="json")}
+    assert modal_app.champion_to_serve(json.dumps(serving_record(config, None))) is None
 
 
 class _Models(BaseHTTPRequestHandler):
@@ -257,19 +286,13 @@ class _Models(BaseHTTPRequestHandler):
         pass
 
 
-def test_serve_points_the_endpoint_and_waits_until_it_answers_for_that_model(vlmpipe_home, tiny_model_dir):
-    import shutil
-
-    shutil.copytree(tiny_model_dir, vlmpipe_home / "runs" / "k" / "merged")
+def test_the_endpoint_counts_as_ready_only_when_it_lists_our_model():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Models)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        result = modal_app.point_endpoint({"serve": {}, "model_dir": "runs/k/merged"}, url, ready_timeout_s=10)
-        assert result == {"base_url": f"{url}/v1", "model_name": "runs/k/merged", "backend": "vllm", "pid": None}
-        pointer = json.loads((vlmpipe_home / modal_app.SERVING_POINTER).read_text())
-        assert pointer["model_dir"] == "runs/k/merged" and pointer["updated_at"]
-        # An endpoint still serving another model is not ready.
+        assert modal_app.endpoint_serves(f"{url}/v1", "runs/k/merged", None, timeout_s=5)
+        # A server answering for another model (someone else's) is not ours.
         assert not modal_app.endpoint_serves(f"{url}/v1", "models/base", None, timeout_s=5)
         assert not modal_app.endpoint_serves("http://127.0.0.1:9/v1", "runs/k/merged", None, timeout_s=2)
     finally:
@@ -342,14 +365,29 @@ class StandInFunction:
         return self.call
 
 
-def _executor(function: StandInFunction, lookups: list | None = None, **settings) -> ModalExecutor:
-    def lookup(app_name, stage):
-        if lookups is not None:
-            lookups.append((app_name, stage))
-        return function
+class StandInClient:
+    """Stands in for tasks.modal_executor.ModalClient (the remote service) around one function and its call."""
 
-    return ModalExecutor(ModalConfig(poll_interval_s=0.01, **settings), function_lookup=lookup,
-                         credentials_configured=lambda: True, volume_reader=lambda path: b"{}")
+    def __init__(self, function: StandInFunction | None = None, read=None, lookups: list | None = None):
+        self.function_, self.read, self.lookups = function, read or (lambda path: b"{}"), lookups
+
+    def credentials_configured(self):
+        return True
+
+    def function(self, app_name, stage):
+        if self.lookups is not None:
+            self.lookups.append((app_name, stage))
+        return self.function_
+
+    def call(self, call_id):
+        return self.function_.call
+
+    def read_file(self, path):
+        return self.read(path)
+
+
+def _executor(function: StandInFunction, lookups: list | None = None, **settings) -> ModalExecutor:
+    return ModalExecutor(ModalConfig(poll_interval_s=0.01, **settings), client=StandInClient(function, lookups=lookups))
 
 
 def _model_request() -> PrepareModelRequest:
@@ -396,7 +434,6 @@ def test_executor_applies_the_configured_gpu(vlmpipe_home):
         (modal.exception.InternalFailure("worker lost"), TransientJobError, "worker lost"),
         (modal.exception.FunctionTimeoutError("24h"), TransientJobError, "FunctionTimeoutError"),
         (modal.exception.OutputExpiredError(), TransientJobError, "OutputExpiredError"),
-        (modal.exception.ConnectionError("reset"), TransientJobError, "reset"),
         (modal.exception.ExecutionError("could not deserialize"), TransientJobError, "deserialize"),
         (RuntimeError("CUDA error"), TransientJobError, "CUDA error"),
     ],
@@ -482,8 +519,7 @@ def test_a_flow_interrupted_by_ctrl_c_cancels_its_tasks_calls(vlmpipe_home, pref
 
     call = StandInCall(_ok(RESULT), polls_before_done=10**6)  # a job that would run for ever
     function, spawned = _spawn_signalling(call)
-    executor = ModalExecutor(ModalConfig(poll_interval_s=1), function_lookup=lambda a, s: function,
-                             credentials_configured=lambda: True)
+    executor = ModalExecutor(ModalConfig(poll_interval_s=1), client=StandInClient(function))
     seen = {}
 
     @task(name="prepare_model", retries=2, retry_delay_seconds=0)
@@ -524,8 +560,7 @@ def test_a_flow_run_cancelled_from_the_api_cancels_its_calls(vlmpipe_home, prefe
 
     call = StandInCall(_ok(RESULT), polls_before_done=10**6)
     function, spawned = _spawn_signalling(call)
-    executor = ModalExecutor(ModalConfig(poll_interval_s=1), function_lookup=lambda a, s: function,
-                             credentials_configured=lambda: True)
+    executor = ModalExecutor(ModalConfig(poll_interval_s=1), client=StandInClient(function))
 
     @task(name="prepare_model")
     def stage_task():
@@ -562,8 +597,7 @@ def test_training_progress_is_mirrored_from_the_volume(vlmpipe_home):
         reads.append(path)
         return json.dumps(progress).encode()
 
-    executor = ModalExecutor(ModalConfig(poll_interval_s=0.01), function_lookup=lambda a, s: StandInFunction(call),
-                             credentials_configured=lambda: True, volume_reader=read)
+    executor = ModalExecutor(ModalConfig(poll_interval_s=0.01), client=StandInClient(StandInFunction(call), read))
     seen = []
     executor.run("train", request, on_poll=lambda: seen.append(
         json.loads((vlmpipe_home / "runs" / "k" / "progress.json").read_text())["step"]))
@@ -580,7 +614,7 @@ def test_outputs_are_read_from_the_volume():
             raise FileNotFoundError(path)
         return files[path]
 
-    executor = ModalExecutor(ModalConfig(), volume_reader=read)
+    executor = ModalExecutor(ModalConfig(), client=StandInClient(read=read))
     assert json.loads(executor.read_text("evals/k.json")) == {"metrics": {}}
     assert executor.output_exists("runs/k/lora") and executor.output_exists("evals/k.json")
     assert not executor.output_exists("runs/other/lora") and not executor.output_exists("evals/none.json")
@@ -603,11 +637,14 @@ def test_without_a_token_the_executor_fails_at_once_with_the_fix(tmp_path):
         "import json, time\n"
         "from modal_jobs.config import ModalConfig\n"
         "from modal_jobs.schemas import PrepareModelRequest\n"
-        "from tasks.modal_executor import ModalAuthError, ModalExecutor\n"
+        "from tasks.modal_executor import ModalAuthError, ModalClient, ModalExecutor\n"
+        "class Bypassed(ModalClient):\n"
+        "    def credentials_configured(self):\n"
+        "        return True\n"
         "request = PrepareModelRequest(model={'source': 'builtin:tiny-gemma3'}, output_dir='models/x')\n"
         "report = {}\n"
         "for label, executor in (('checked', ModalExecutor(ModalConfig())),\n"
-        "        ('client', ModalExecutor(ModalConfig(), credentials_configured=lambda: True))):\n"
+        "        ('client', ModalExecutor(ModalConfig(), client=Bypassed()))):\n"
         "    started = time.monotonic()\n"
         "    try:\n"
         "        executor.run('prepare_model', request)\n"
@@ -668,7 +705,12 @@ def test_call_id_and_cost_are_recorded_on_the_task_run_and_no_secret_leaks(vlmpi
     assert found["modal-call-prepare-model"].task_run_id is not None
     cost = found["cost-prepare-model"].data
     rows = json.loads(cost) if isinstance(cost, str) else cost
-    assert rows[0]["gpu"] == "H100" and rows[0]["usd_per_hour"] == ModalConfig().gpu_price_per_hour["H100"]
+    prices = ModalConfig()
+    spec = modal_app.STAGE_SPECS["prepare_model"]
+    expected = (prices.gpu_price_per_hour["H100"] + spec.cpu * prices.cpu_core_price_per_hour
+                + spec.memory_mib / 1024 * prices.memory_gib_price_per_hour)
+    assert rows[0]["gpu"] == "H100" and rows[0]["usd_per_hour"] == pytest.approx(expected, abs=1e-4)
+    assert rows[0]["cpu_cores"] == spec.cpu
     for artifact in found.values():
         assert "hf_secret_sentinel" not in f"{artifact.data} {artifact.description}"
 
