@@ -1,175 +1,23 @@
-"""How a task runs a job: here in a subprocess (`local`), or as a Modal function call (`modal`).
+"""Which executor runs a stage: `local` (tasks.local_executor) or `modal` (tasks.modal_executor).
 
-Tasks hand a stage name and a typed request to an executor and get the typed result back; they do not
-care which executor they have. Failures come back as `InputError` (bad config or data: never retried) or
-`TransientJobError` (anything else: a lost connection, a killed process, a preempted container).
+Tasks hand a stage name and a typed request to an executor and get the typed result back; they do not care which
+executor they have (the interface is tasks.executor). Both implementations import only the interface, never this
+module, so there is no import cycle.
 """
 
 from __future__ import annotations
 
-import ctypes
-import json
-import os
-import signal
-import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any, Protocol
 
-from pydantic import BaseModel
-
-from modal_jobs.config import Executor as ExecutorName
-from modal_jobs.config import ModalConfig, PipelineConfig
-from modal_jobs.errors import INPUT_ERROR_TYPES, InputError
-from modal_jobs.jobs import result_type
-from modal_jobs.storage import resolve, storage_root, verify_output
-
-PollCallback = Callable[[], None]
-POLL_INTERVAL_S = 1.0
-# Job processes this process is waiting on: a flow interrupted in its own thread stops them (stop_running_jobs).
-_RUNNING_PROCESSES: set[subprocess.Popen] = set()
-
-
-class TransientJobError(RuntimeError):
-    """A job failed for a reason a retry may fix."""
-
-
-class JobCancelled(Exception):
-    """The job was cancelled from outside (a Modal call cancelled in its dashboard or CLI): final, never retried.
-    The stage's task ends Cancelled (tasks.stages)."""
-
-
-class Executor(Protocol):
-    name: str
-
-    def run(self, stage: str, request: BaseModel, on_poll: PollCallback | None = None) -> BaseModel: ...
-
-    def library_versions(self) -> dict[str, str]:
-        """Versions of the libraries that change numerics where the job runs (part of the train key)."""
-        ...
-
-    def read_text(self, path: str) -> str:
-        """A storage-relative file a job wrote (e.g. evals/<key>.json), wherever the storage root is."""
-        ...
-
-    def output_exists(self, location: str) -> bool:
-        """Whether a stage's output is finished: a folder with its manifest, or a file."""
-        ...
-
-    def display_path(self, location: str) -> str:
-        """Where a person finds a storage-relative output (a local path, or a place on the Modal Volume)."""
-        ...
-
-    def stop_serving(self, served: Any, seconds_up: float | None = None) -> None:
-        """Stop a server the serve stage started (a local process, or a Modal Sandbox)."""
-        ...
-
-
-def _die_with_parent() -> None:
-    # If the orchestrating process is killed (a cancelled Prefect run), its job must not run on alone.
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def _log_tail(path: Path, lines: int = 25) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
-        return ""
-    tail = text.replace("\r", "\n").splitlines()[-lines:]
-    return "\n".join(tail)
-
-
-def raise_job_error(stage: str, error_type: str, message: str, detail: str = "") -> None:
-    text = f"{stage} failed: {error_type}: {message}"
-    if error_type in INPUT_ERROR_TYPES:
-        raise InputError(text)
-    raise TransientJobError(text + (f"\n--- last lines of the job's log ---\n{detail}" if detail else ""))
-
-
-class LocalExecutor:
-    """Each job in its own Python subprocess: memory (and GPU memory) is freed between stages, and a
-    cancelled run kills it."""
-
-    name = "local"
-
-    def library_versions(self) -> dict[str, str]:
-        from modal_jobs.keys import local_library_versions
-
-        return local_library_versions()
-
-    def read_text(self, path: str) -> str:
-        return resolve(path).read_text()
-
-    def display_path(self, location: str) -> str:
-        return str(resolve(location))
-
-    def stop_serving(self, served: Any, seconds_up: float | None = None) -> None:
-        from modal_jobs.serve import stop_server
-
-        if served.pid is not None:
-            stop_server(served.pid)
-
-    def output_exists(self, location: str) -> bool:
-        # Verified, not just present: a folder whose files no longer match its manifest is recomputed, and
-        # the run says so (storage.verify_output says what the cheap check can and cannot notice).
-        check = verify_output(location)
-        if check.state == "mismatch":
-            try:
-                from prefect import get_run_logger
-
-                get_run_logger().warning("%s; not reused: recomputing it", check.describe())
-            except Exception:  # outside a flow or task run: no run logger to tell
-                print(f"warning: {check.describe()}; not reused: recomputing it", file=sys.stderr)
-        return check.usable
-
-    def run(self, stage: str, request: BaseModel, on_poll: PollCallback | None = None) -> BaseModel:
-        logs = storage_root() / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        log_path = logs / f"{stage}-{stamp}-{os.getpid()}.log"
-        with tempfile.TemporaryDirectory(prefix=f"vlmpipe-{stage}-") as scratch:
-            request_path = Path(scratch) / "request.json"
-            result_path = Path(scratch) / "result.json"
-            request_path.write_text(request.model_dump_json())
-            env = dict(os.environ, VLMPIPE_HOME=str(storage_root()), PYTHONUNBUFFERED="1")
-            with open(log_path, "wb") as log:
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "modal_jobs.runner", stage, str(request_path), str(result_path)],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-                )
-                _RUNNING_PROCESSES.add(process)
-                try:
-                    while process.poll() is None:
-                        time.sleep(POLL_INTERVAL_S)
-                        if on_poll is not None:
-                            on_poll()
-                except BaseException:
-                    # Cancellation, Ctrl-C, a timeout: the job must not outlive the task.
-                    process.kill()
-                    process.wait()
-                    raise
-                finally:
-                    _RUNNING_PROCESSES.discard(process)
-            if on_poll is not None:
-                on_poll()
-            if not result_path.exists():
-                raise_job_error(
-                    stage, "ProcessDied", f"exit code {process.returncode} (log: {log_path})", _log_tail(log_path)
-                )
-            outcome = json.loads(result_path.read_text())
-        if not outcome["ok"]:
-            raise_job_error(stage, outcome["error_type"], outcome["message"], _log_tail(log_path))
-        return result_type(stage).model_validate(outcome["result"])
+from tasks.executor import (  # noqa: F401  (the interface, re-exported for callers)
+    Executor,
+    ExecutorSpec,
+    JobCancelled,
+    PollCallback,
+    TransientJobError,
+    raise_job_error,
+)
+from tasks.local_executor import _RUNNING_PROCESSES, LocalExecutor, stop_local_jobs  # noqa: F401
 
 
 def stop_running_jobs() -> int:
@@ -177,24 +25,10 @@ def stop_running_jobs() -> int:
 
     For a flow interrupted in its own thread (Ctrl-C, cancellation): tasks running in Prefect's thread pool
     never see the signal, and Prefect waits for them before it marks the run over."""
-    stopped = 0
-    for process in list(_RUNNING_PROCESSES):
-        process.kill()
-        stopped += 1
+    stopped = stop_local_jobs()
     if "tasks.modal_executor" in sys.modules:
         stopped += sys.modules["tasks.modal_executor"].stop_running_calls()
     return stopped
-
-
-class ExecutorSpec(BaseModel):
-    """Which executor runs a stage, with what it needs to know (a task parameter, so no secrets here)."""
-
-    name: ExecutorName = "local"
-    modal: ModalConfig = ModalConfig()
-
-    @classmethod
-    def for_stage(cls, config: PipelineConfig, stage: str) -> ExecutorSpec:
-        return cls(name=config.executor_for(stage), modal=config.modal)
 
 
 def get_executor(spec: ExecutorSpec) -> Executor:

@@ -42,7 +42,7 @@ from modal_jobs.config import ModalConfig
 from modal_jobs.errors import INPUT_ERROR_TYPES, InputError
 from modal_jobs.jobs import result_type
 from modal_jobs.storage import atomic_write_json, short_hash, storage_root
-from tasks.executors import (
+from tasks.executor import (
     JobCancelled,
     PollCallback,
     TransientJobError,
