@@ -269,7 +269,7 @@ class _Progress(threading.Thread):
     """Stage starts and evaluation progress on the terminal, read from the job logs this run writes
     (`logs/<stage>-<time>-<pid>.log`): the flow's own log says only when a stage has ended."""
 
-    JOB_LOG = re.compile(r"^([a-z_]+)-\d{8}-\d{6}-\d+\.log$")  # tasks.executors: <stage>-<time>-<pid>.log
+    JOB_LOG = re.compile(r"^([a-z_]+)-\d{8}-\d{6}-(\d+)\.log$")  # tasks.executors: <stage>-<time>-<pid>.log
 
     def __init__(self, logs: Path) -> None:
         super().__init__(daemon=True, name="vlmpipe-progress")
@@ -289,8 +289,9 @@ class _Progress(threading.Thread):
         if not self.logs.is_dir():
             return
         for path in sorted(self.logs.glob("*.log"), key=lambda p: p.stat().st_mtime):
-            job = self.JOB_LOG.match(path.name)  # not a server's own log (serve-<port>.log)
-            stage = job.group(1) if job else None
+            # This run's jobs only: not a server's own log (serve-<port>.log), not another run's on this root.
+            job = self.JOB_LOG.match(path.name)
+            stage = job.group(1) if job and int(job.group(2)) == os.getpid() else None
             if path not in self.seen:
                 self.seen.add(path)
                 if stage in _STAGE_OF_MODULE.values():
@@ -396,6 +397,14 @@ def _run_flow(command: str, call: Callable[[], Any], as_json: bool, debug: bool)
     return result, facts.get("log")
 
 
+def _same_inputs(config: Path | None, overrides: list[str] | None) -> str:
+    """` --config FILE --set k=v ...` as given, for a next command on the same inputs."""
+    import shlex
+
+    args = (["--config", str(config)] if config else []) + [part for o in overrides or [] for part in ("--set", o)]
+    return " " + shlex.join(args) if args else ""
+
+
 def _next_steps(log_path: Path | None, *commands: str) -> None:
     from modal_jobs.storage import storage_root
 
@@ -432,8 +441,9 @@ def run(
             f"{metrics['exact_match']:.3f}  ({metrics['num_scored']} scored, {metrics['num_failed']} failed)  "
             f"{result.results_files[label]}"
         )
+    same = _same_inputs(config, set_)
     _next_steps(log_path, f"vlmpipe serve {result.merged_dir}    # an OpenAI-compatible endpoint for this model",
-                "vlmpipe retrain    # the same run, then promote the model if it beats the champion")
+                f"vlmpipe retrain{same}    # the same run, then promote the model if it beats the champion")
 
 
 @app.command("eval")

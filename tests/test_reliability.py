@@ -251,6 +251,15 @@ def test_ctrl_c_during_training_returns_in_seconds_and_the_next_run_resumes(tmp_
     assert len([log for log in home.glob("logs/train-*.log") if "resuming from" in log.read_text()]) == 1
     assert "train started" in stderr and re.search(r"evaluate finetuned: (\d+)/\1 requests", stderr), stderr[-3000:]
 
+    # A third run, all from the cache: its summary ends with where the logs are and what to try next.
+    with _vlmpipe_run(home, *_INTERRUPTIBLE) as third:
+        stdout, stderr = third.communicate(timeout=600)
+    assert third.returncode == 0, stderr[-3000:]
+    tail = stdout.strip().splitlines()[-3:]
+    assert tail[0].startswith(f"logs:   {home / 'logs' / 'cli'}"), tail
+    assert tail[1].startswith("next:   vlmpipe serve ") and tail[2].startswith(
+        "next:   vlmpipe retrain --set train.max_steps=200 --set train.save_steps=20"), tail
+
 
 @pytest.mark.integration
 def test_kill_9_of_vlmpipe_run_leaves_no_api_server_behind(tmp_path):
