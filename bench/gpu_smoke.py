@@ -310,6 +310,20 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _consistency_summary(workdir: Path, result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The consistency report's verdicts, merged-vs-adapter numbers and GPU peak (the report stays in the storage
+    root, which does not come back from the lent GPU)."""
+    output = ((result or {}).get("stages", {}).get("consistency") or {}).get("output")
+    if not output:
+        return None
+    try:
+        report = json.loads((workdir / "home" / output).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return {"passed": report.get("passed"), "checks": {c["name"]: c["passed"] for c in report.get("checks", [])},
+            "merged": report.get("merged"), "memory": report.get("memory"), "timing_s": report.get("timing_s")}
+
+
 def _device() -> str:
     try:
         import torch
@@ -359,7 +373,8 @@ def main() -> None:
                    + " ".join(f"--set {s}" for s in ["model.source=<model>", "dataset.source=<dataset>", *settings]),
         "inputs": inputs, "seconds": seconds, "exit_code": code, "stages": summarise(records, sampler, result),
         "card_peak_gib": round(max((gib for _, gib in sampler.samples), default=0.0), 2) or None,
-        "metrics": (result or {}).get("metrics"), "processes": records,
+        "metrics": (result or {}).get("metrics"), "consistency": _consistency_summary(workdir, result),
+        "processes": records,
     }
     (out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
     table = markdown(report)
