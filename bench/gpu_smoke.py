@@ -38,7 +38,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11 only
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_SETTINGS = ["train.max_steps=30", "evaluate.num_samples=16", "evaluate.max_tokens=64"]
@@ -129,7 +132,7 @@ class CardSampler:
         self.process: subprocess.Popen | None = None
         self.thread: threading.Thread | None = None
 
-    def __enter__(self) -> CardSampler:
+    def __enter__(self) -> Self:
         if shutil.which("nvidia-smi") is None:
             return self
         self.process = subprocess.Popen(
@@ -222,8 +225,8 @@ def run_pipeline(workdir: Path, settings: list[str], tiny: bool, timeout_s: floa
         log.write("$ " + " ".join(command) + "\n")
         log.flush()
         try:
-            done = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
-                                  timeout=timeout_s)
+            done = subprocess.run(command, check=False, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log,
+                                  text=True, timeout=timeout_s)
             stdout, code = done.stdout, done.returncode
         except subprocess.TimeoutExpired as expired:
             partial = expired.stdout or ""
@@ -305,8 +308,8 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{cell(row.get('process_peak_gib'))} | {cell(row.get('card_peak_gib'))} |")
     train = next((row for row in report["stages"] if row["stage"] == "train" and row.get("optimizer_steps")), None)
     if train:
-        lines += ["", f"train: {train['optimizer_steps']} optimizer steps, first at {train['first_step_s']} s after the "
-                      f"job started, then {train.get('steps_per_s_after_first')} steps/s."]
+        lines += ["", (f"train: {train['optimizer_steps']} optimizer steps, first at {train['first_step_s']} s after "
+                       f"the job started, then {train.get('steps_per_s_after_first')} steps/s.")]
     return "\n".join(lines)
 
 
