@@ -6,6 +6,7 @@
                                        flow (pipeline, then promote only if it beats the registry's champion)
     finetune-pipeline/embedded         manual; PipelineConfig.embedded(): finishes on one CPU, for local use
     evaluate/adhoc                     manual; base_url and model_name are asked for at run time
+    sweep/grid                         manual; the production config plus a grid (SweepSettings: a form too)
 
 The Python form (not prefect.yaml) so that the parameters are computed from the config models and cannot
 drift from them. Entrypoints are module paths (`flows.pipeline.finetune_pipeline`): the worker imports the
@@ -39,6 +40,7 @@ def build_deployments(production_config=None) -> list:
 
     from flows.pipeline import evaluate_endpoint, finetune_pipeline
     from flows.retrain import retrain
+    from flows.sweep import SweepSettings, sweep
     from modal_jobs.config import PipelineConfig
 
     production = production_config or PipelineConfig()
@@ -74,6 +76,15 @@ def build_deployments(production_config=None) -> list:
             name="adhoc",
             description="Evaluate a running OpenAI-compatible endpoint (pass base_url and model_name).",
             parameters={**_config_parameters(production), "label": "endpoint"},
+            **common,
+        ),
+        sweep.to_deployment(
+            name="grid",
+            description="Many trainings of the production config on shared data, model and image features, at most "
+            "sweep.max_parallel at once; a leaderboard and a plot; optionally the best through the promotion gate.",
+            parameters={**_config_parameters(production), "refresh": False, "sweep": SweepSettings(
+                grid={"train.learning_rate": [1e-4, 3e-4], "train.lora_r": [16, 32]}, max_parallel=4,
+            ).model_dump(mode="json")},
             **common,
         ),
     ]

@@ -618,5 +618,63 @@ def pull(
     typer.echo(f"{len(written)} files from {executor.display_path(path.strip('/'))} into {to.resolve()}")
 
 
+def parse_grid(texts: list[str]) -> dict[str, list[Any]]:
+    """`train.lora_r=16,32` -> {"train.lora_r": [16, 32]}; values are read as YAML scalars, as --set's are."""
+    import yaml
+
+    grid: dict[str, list[Any]] = {}
+    for text in texts:
+        key, _, raw = text.partition("=")
+        if not key.strip() or not raw.strip():
+            raise ValueError(f"--grid {text!r}: expected KEY=V1,V2,..., e.g. train.learning_rate=1e-4,3e-4")
+        if key.strip() in grid:
+            raise ValueError(f"--grid {key.strip()} given twice: put all its values in one --grid")
+        grid[key.strip()] = [yaml.safe_load(value) for value in raw.split(",") if value.strip()]
+    return grid
+
+
+@app.command()
+def sweep(
+    grid: Annotated[list[str], typer.Option("--grid", "-g", help="Values to try, e.g. --grid train.lora_r=16,32 "
+                                                             "(repeatable; every combination is a trial).")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    random_trials: Annotated[Optional[int], typer.Option("--random", help="Try N combinations drawn from the grid.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the --random draw.")] = 0,
+    max_parallel: Annotated[int, typer.Option(help="Trials at once (locally 1-2; on Modal, GPUs at once).")] = 2,
+    promote_best: Annotated[bool, typer.Option("--promote-best", help="Send the best trial through the promotion "
+                                                                      "gate of `vlmpipe retrain`.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object last: trials, board, best.")] = False,
+    refresh: Annotated[bool, typer.Option("--refresh", help="Recompute every stage, ignoring the cache.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Train many variants at once on shared data, model and image features; rank them on one test set."""
+    pipeline_config = _config(config, set_, as_json, debug)
+    from flows.sweep import SweepSettings, leaderboard_rows, plan_trials
+    from flows.sweep import sweep as sweep_flow
+
+    try:
+        settings = SweepSettings(grid=parse_grid(grid), random=random_trials, seed=seed, max_parallel=max_parallel,
+                                 promote_best=promote_best)
+        trials = plan_trials(pipeline_config, settings)  # every trial's config checked before the API server starts
+    except ValueError as error:
+        _fail(error, as_json=as_json, debug=debug, stage="config", exit_code=EXIT_USER)
+    typer.echo(f"{len(trials)} trials, at most {max_parallel} at once", err=True)
+    result, log_path = _run_flow(
+        "sweep", lambda: sweep_flow(config=pipeline_config, sweep=settings, refresh=refresh), as_json, debug
+    )
+    if result is None:
+        return
+    metric = result.metric
+    for row in leaderboard_rows(result.trials, metric):
+        value = "—" if row[metric] is None else f"{row[metric]:.4f} {row[f'{metric}_interval']}"
+        typer.echo(f"  {row['rank'] or '-':>3}  {row['trial']:<44} {row['status']:<11} {metric} {value}"
+                   + (f"  {row['error']}" if row["error"] else ""))
+    typer.echo(f"\nboard: {result.leaderboard_path}\nplot:  {result.plot_path or '—'}")
+    if result.promotion:
+        typer.echo(f"\n{result.promotion}")
+    _next_steps(log_path, "vlmpipe serve <merged dir of the best trial>    # runs/<train key>/merged-<export key>")
+
+
 if __name__ == "__main__":
     app()
