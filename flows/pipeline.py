@@ -22,6 +22,7 @@ from flows.serving import serving_if
 from modal_jobs import keys
 from modal_jobs.config import PipelineConfig
 from modal_jobs.consistency import ConsistencyRequest
+from modal_jobs.errors import InputError
 from modal_jobs.encode import EncodeRequest
 from modal_jobs.schemas import (
     EvaluateRequest,
@@ -140,35 +141,63 @@ def _finish(stage_key: keys.StageKey, future: PrefectFuture, label: str | None =
     return result, state_name
 
 
-def _evaluate_model(
-    config: PipelineConfig, label: str, model_dir: str, model_identity: str, dataset_fingerprint: str,
-    dataset_dir: str, refresh: bool, outcomes: dict[str, StageOutcome], served: ServeResult | None = None,
-) -> EvaluateResult:
+class _Run:
+    """One pipeline run: its config, whether to recompute, and each stage's outcome. `stage` is the per-stage
+    boilerplate: submit on the stage's executor, wait, say why it hit or missed, record the outcome, link the output."""
+
+    def __init__(self, config: PipelineConfig, refresh: bool,
+                 outcomes: dict[str, StageOutcome] | None = None) -> None:
+        self.config, self.refresh = config, refresh
+        self.outcomes: dict[str, StageOutcome] = {} if outcomes is None else outcomes
+
+    def where(self, stage: str):
+        return _where(self.config, stage)
+
+    def submit(self, task, request: BaseModel, run_name: str | None = None) -> PrefectFuture:
+        return _submit(task, request, self.config, self.refresh, run_name)
+
+    def finish(self, stage_key: keys.StageKey, future: PrefectFuture, output: Callable[[Any], str],
+               artifact: tuple[str, Callable[[Any], str]] | None = None, label: str | None = None) -> Any:
+        result, state = _finish(stage_key, future, label)
+        self.outcomes[label or stage_key.stage] = StageOutcome(state=state, output=output(result), key=stage_key.key)
+        if artifact is not None:
+            key, describe = artifact
+            artifacts.publish_output(key, output(result), describe(result), where=self.where(stage_key.stage))
+        return result
+
+    def stage(self, task, stage_key: keys.StageKey, request: BaseModel, output: Callable[[Any], str],
+              artifact: tuple[str, Callable[[Any], str]] | None = None, label: str | None = None) -> Any:
+        run_name = None if label is None else label.replace("_", "-")
+        return self.finish(stage_key, self.submit(task, request, run_name), output, artifact, label)
+
+    def skip(self, name: str, why: str) -> None:
+        self.outcomes[name] = StageOutcome(state="Skipped", output=why)
+
+
+def _evaluate_model(run: _Run, label: str, model_dir: str, model_identity: str, dataset_fingerprint: str,
+                    dataset_dir: str, served: ServeResult | None = None) -> EvaluateResult:
     """Serve the model only when its evaluation is not already on disk, then evaluate and stop the server.
 
     With `served`, that server is used (its owner stops it)."""
+    config = run.config
     eval_key = keys.evaluate_key(model_identity, dataset_fingerprint, config.evaluate, config.instruction)
     request = EvaluateRequest(
         evaluate=config.evaluate, base_url="", model_name="", dataset_dir=dataset_dir,
         instruction=config.instruction, output_path=f"evals/{eval_key.key}.json", label=label,
         api_key_env=config.serve.api_key_env,
     )
-    evaluations = _where(config, "evaluate")
-    needs_server = served is None and (refresh or not _on_disk(stages.evaluate, request, config))
+    needs_server = served is None and (run.refresh or not _on_disk(stages.evaluate, request, config))
     if served is None and not needs_server:
-        outcomes[f"serve_{label}"] = StageOutcome(state="Skipped", output="evaluation already on disk")
+        run.skip(f"serve_{label}", "evaluation already on disk")
     with serving_if(needs_server, config, model_dir) as started:
         endpoint = served or started
         if started is not None:
-            outcomes[f"serve_{label}"] = StageOutcome(state="Completed", output=started.base_url)
+            run.outcomes[f"serve_{label}"] = StageOutcome(state="Completed", output=started.base_url)
         if endpoint is not None:
             request = request.model_copy(update={"base_url": endpoint.base_url, "model_name": endpoint.model_name})
-        result, state = _finish(eval_key, _submit(stages.evaluate, request, config, refresh, f"evaluate-{label}"),
-                                label=f"evaluate_{label}")
-    outcomes[f"evaluate_{label}"] = StageOutcome(state=state, output=result.results_path, key=eval_key.key)
-    artifacts.publish_output(f"eval-results-{label}", result.results_path, f"Evaluation results ({label})",
-                             where=evaluations)
-    return result
+        return run.stage(stages.evaluate, eval_key, request, output=lambda r: r.results_path,
+                         artifact=(f"eval-results-{label}", lambda r: f"Evaluation results ({label})"),
+                         label=f"evaluate_{label}")
 
 
 def _run_name(config: PipelineConfig | None = None) -> str:
@@ -213,146 +242,161 @@ def finetune_pipeline(config: PipelineConfig = PipelineConfig(), refresh: bool =
 
 
 def _finetune_pipeline(config: PipelineConfig, refresh: bool) -> PipelineResult:
-    from modal_jobs.dataset import source_fingerprint as dataset_source_fingerprint
-    from modal_jobs.model import source_fingerprint as model_source_fingerprint
+    """The diagram, one line a stage."""
+    _preflight(config)
+    run = _Run(config, refresh)
+    dataset, model = _prepare(run)                                   # prepare_dataset, prepare_model (together)
+    train_key, train_request = _train_request(run, dataset, model)
+    train_request = _encode_images(run, dataset, model, train_request)  # the frozen vision tower, once per image
+    trained = _train(run, train_key, train_request)                  # LoRA fine-tune
+    export_key, exported = _export(run, train_key, model, trained)   # merge, 16-bit
+    finetuned = _check_and_evaluate_finetuned(run, dataset, model, trained, export_key, exported)
+    base = _evaluate_model(run, "base", model.path, model.fingerprint, dataset.fingerprint, dataset.path)
+    return _result(run, dataset, model, trained, exported, {"base": base, "finetuned": finetuned})
+
+
+def _preflight(config: PipelineConfig) -> None:
+    """What can fail without any job running: the storage root, the Modal token, the Hub token for a push."""
     from tasks.secrets import load_secret_blocks
 
-    logger = get_run_logger()
     check_writable()
     _check_modal_credentials(config)
     loaded = load_secret_blocks()
     if loaded:
-        logger.info("read %s from Prefect Secret blocks", ", ".join(loaded))
+        get_run_logger().info("read %s from Prefect Secret blocks", ", ".join(loaded))
     if config.export.hub_id and config.executor_for("export") == "local":
         # On Modal the token lives in the Secret, where the push happens: the export job checks it there.
         from modal_jobs.hub import hub_token
 
         if not hub_token():
-            raise ValueError("export.hub_id is set but no HF_TOKEN is in the environment: set it, or unset hub_id")
-    outcomes: dict[str, StageOutcome] = {}
+            raise InputError("export.hub_id is set but no HF_TOKEN is in the environment: set it, or unset hub_id")
 
-    # Keys first: a bad source fails here, before any job starts.
+
+def _prepare(run: _Run) -> tuple[Any, Any]:
+    """Both sources keyed first (a bad source fails here, before any job starts), then both stages at once."""
+    from modal_jobs.dataset import source_fingerprint as dataset_source_fingerprint
+    from modal_jobs.model import source_fingerprint as model_source_fingerprint
+
+    config = run.config
     dataset_key = keys.prepare_dataset_key(config.dataset, dataset_source_fingerprint(config.dataset))
     model_key = keys.prepare_model_key(config.model, model_source_fingerprint(config.model))
-    dataset_request = PrepareDatasetRequest(dataset=config.dataset, output_dir=f"datasets/{dataset_key.key}")
-    model_request = PrepareModelRequest(model=config.model, output_dir=f"models/{model_key.key}")
-    dataset_future = _submit(stages.prepare_dataset, dataset_request, config, refresh)
-    model_future = _submit(stages.prepare_model, model_request, config, refresh)
-    dataset, state = _finish(dataset_key, dataset_future)
-    outcomes["prepare_dataset"] = StageOutcome(state=state, output=dataset.path, key=dataset_key.key)
-    artifacts.publish_output("dataset", dataset.path, f"Prepared dataset: {dataset.splits}",
-                             where=_where(config, "prepare_dataset"))
+    dataset_future = run.submit(stages.prepare_dataset, PrepareDatasetRequest(
+        dataset=config.dataset, output_dir=f"datasets/{dataset_key.key}"))
+    model_future = run.submit(stages.prepare_model, PrepareModelRequest(
+        model=config.model, output_dir=f"models/{model_key.key}"))
+    dataset = run.finish(dataset_key, dataset_future, output=lambda r: r.path,
+                         artifact=("dataset", lambda r: f"Prepared dataset: {r.splits}"))
     if dataset.skipped_rows:
         artifacts.publish_skipped_rows(dataset.skipped_rows)
-    model, state = _finish(model_key, model_future)
-    outcomes["prepare_model"] = StageOutcome(state=state, output=model.path, key=model_key.key)
-    artifacts.publish_output("base-model", model.path,
-                             f"Base model: {model.architecture}, {model.num_parameters:,} parameters",
-                             where=_where(config, "prepare_model"))
+    model = run.finish(model_key, model_future, output=lambda r: r.path, artifact=(
+        "base-model", lambda r: f"Base model: {r.architecture}, {r.num_parameters:,} parameters"))
+    return dataset, model
 
-    train_key = keys.train_key(
-        dataset.fingerprint, model.fingerprint, config.train, config.model, config.instruction,
-        get_executor(ExecutorSpec.for_stage(config, "train")).library_versions(),
-    )
-    train_request = TrainRequest(
+
+def _train_request(run: _Run, dataset: Any, model: Any) -> tuple[keys.StageKey, TrainRequest]:
+    config = run.config
+    train_key = keys.train_key(dataset.fingerprint, model.fingerprint, config.train, config.model,
+                               config.instruction, run.where("train").library_versions())
+    atomic_write_json(f"runs/{train_key.key}/pipeline_config.json", config.model_dump(mode="json"))
+    return train_key, TrainRequest(
         train=config.train, model=config.model, dataset_dir=dataset.path, model_dir=model.path,
         output_dir=f"runs/{train_key.key}", instruction=config.instruction,
     )
-    atomic_write_json(f"runs/{train_key.key}/pipeline_config.json", config.model_dump(mode="json"))
-    # encode_images: the frozen vision tower once per training image; train (and every retrain or sweep on this
-    # base model and data) reads the features instead of pixels. Skipped when vision layers train, or when the
-    # adapter is already on disk (train is then a cache hit and needs no inputs).
-    train_on_disk = get_executor(ExecutorSpec.for_stage(config, "train")).output_exists(train_request.adapter_dir)
+
+
+def _encode_images(run: _Run, dataset: Any, model: Any, train_request: TrainRequest) -> TrainRequest:
+    """The frozen vision tower once per training image; train (and every retrain or sweep on this base model and
+    data) reads the features instead of pixels. Skipped when vision layers train, or when the adapter is already
+    on disk (train is then a cache hit and needs no inputs)."""
+    config = run.config
     if config.train.finetune_vision_layers:
-        outcomes["encode_images"] = StageOutcome(state="Skipped", output="train.finetune_vision_layers: pixels")
-    elif train_on_disk and not refresh:
-        outcomes["encode_images"] = StageOutcome(state="Skipped", output="adapter already on disk")
-    else:
-        encode_key = keys.encode_images_key(
-            dataset.fingerprint, model.fingerprint, config.model.dtype,
-            get_executor(ExecutorSpec.for_stage(config, "encode_images")).library_versions(),
-        )
-        encode_request = EncodeRequest(model=config.model, dataset_dir=dataset.path, model_dir=model.path,
-                                       output_dir=f"features/{encode_key.key}")
-        encoded, state = _finish(encode_key, _submit(stages.encode_images, encode_request, config, refresh))
-        outcomes["encode_images"] = StageOutcome(state=state, output=encoded.features_dir, key=encode_key.key)
-        artifacts.publish_output("image-features", encoded.features_dir,
-                                 f"{encoded.num_images} images encoded ({encoded.size_bytes / 1e9:.1f} GB)",
-                                 where=_where(config, "encode_images"))
-        train_request = train_request.model_copy(update={"features_dir": encoded.features_dir})
-    trained, state = _finish(train_key, _submit(stages.train, train_request, config, refresh))
-    outcomes["train"] = StageOutcome(state=state, output=trained.adapter_dir, key=train_key.key)
-    artifacts.publish_output("train-adapter", trained.adapter_dir, f"LoRA adapter, {trained.global_step} steps, "
-                             f"loss {trained.first_logged_loss} -> {trained.last_logged_loss}", where=_where(config, "train"))
-    artifacts.publish_checkpoints(trained.checkpoints_dir, where=_where(config, "train"))
-    artifacts.publish_training_stats(trained.adapter_dir, where=_where(config, "train"))
+        run.skip("encode_images", "train.finetune_vision_layers: pixels")
+        return train_request
+    if not run.refresh and run.where("train").output_exists(train_request.adapter_dir):
+        run.skip("encode_images", "adapter already on disk")
+        return train_request
+    encode_key = keys.encode_images_key(dataset.fingerprint, model.fingerprint, config.model.dtype,
+                                        run.where("encode_images").library_versions())
+    request = EncodeRequest(model=config.model, dataset_dir=dataset.path, model_dir=model.path,
+                            output_dir=f"features/{encode_key.key}")
+    encoded = run.stage(stages.encode_images, encode_key, request, output=lambda r: r.features_dir, artifact=(
+        "image-features", lambda r: f"{r.num_images} images encoded ({r.size_bytes / 1e9:.1f} GB)"))
+    return train_request.model_copy(update={"features_dir": encoded.features_dir})
 
-    export_key = keys.export_key(train_key.key, config.export)
-    export_request = ExportRequest(
-        export=config.export, model_dir=model.path, adapter_dir=trained.adapter_dir,
-        output_dir=f"runs/{train_key.key}/merged-{export_key.key}",
-    )
-    exported, state = _finish(export_key, _submit(stages.export, export_request, config, refresh))
-    outcomes["export"] = StageOutcome(state=state, output=exported.merged_dir, key=export_key.key)
-    artifacts.publish_output("merged-model", exported.merged_dir, f"Merged {exported.dtype} model",
-                             where=_where(config, "export"))
 
-    # Train/serve consistency before anything is evaluated or promoted: the served merged model against the
-    # adapter and the training prompt, on a few test images. One server for the check and the fine-tuned
-    # evaluation, none when both are on disk. A mismatch fails the run, with its report as an artifact.
-    finetuned_identity = f"export:{export_key.key}"
+def _train(run: _Run, train_key: keys.StageKey, train_request: TrainRequest) -> Any:
+    trained = run.stage(stages.train, train_key, train_request, output=lambda r: r.adapter_dir, artifact=(
+        "train-adapter",
+        lambda r: f"LoRA adapter, {r.global_step} steps, loss {r.first_logged_loss} -> {r.last_logged_loss}"))
+    artifacts.publish_checkpoints(trained.checkpoints_dir, where=run.where("train"))
+    artifacts.publish_training_stats(trained.adapter_dir, where=run.where("train"))
+    return trained
+
+
+def _export(run: _Run, train_key: keys.StageKey, model: Any, trained: Any) -> tuple[keys.StageKey, Any]:
+    export_key = keys.export_key(train_key.key, run.config.export)
+    request = ExportRequest(export=run.config.export, model_dir=model.path, adapter_dir=trained.adapter_dir,
+                            output_dir=f"runs/{train_key.key}/merged-{export_key.key}")
+    exported = run.stage(stages.export, export_key, request, output=lambda r: r.merged_dir,
+                         artifact=("merged-model", lambda r: f"Merged {r.dtype} model"))
+    return export_key, exported
+
+
+def _check_and_evaluate_finetuned(run: _Run, dataset: Any, model: Any, trained: Any, export_key: keys.StageKey,
+                                  exported: Any) -> EvaluateResult:
+    """serve -> consistency -> evaluate, for the fine-tuned model: the served merged model against the adapter and
+    the training prompt on a few test images, before anything is evaluated or promoted. One server for the check
+    and the evaluation, none when both are on disk. A mismatch fails the run, with its report as an artifact."""
+    config = run.config
+    identity = f"export:{export_key.key}"
     check_key = keys.consistency_key(export_key.key, dataset.fingerprint, config.serve, config.instruction)
     check_request = ConsistencyRequest(
         model_dir=model.path, adapter_dir=trained.adapter_dir, merged_dir=exported.merged_dir,
         dataset_dir=dataset.path, instruction=config.instruction, api_key_env=config.serve.api_key_env,
-        output_path=f"runs/{train_key.key}/consistency-{check_key.key}.json",
+        output_path=f"{trained.adapter_dir.rsplit('/', 1)[0]}/consistency-{check_key.key}.json",
     )
-    finetuned_eval = EvaluateRequest(
-        evaluate=config.evaluate, base_url="", model_name="", dataset_dir=dataset.path, instruction=config.instruction,
-        output_path="evals/" + keys.evaluate_key(finetuned_identity, dataset.fingerprint, config.evaluate,
-                                                 config.instruction).key + ".json",
-    )
-    needs_server = (refresh or not _on_disk(stages.consistency, check_request, config)
-                    or not _on_disk(stages.evaluate, finetuned_eval, config))
+    eval_key = keys.evaluate_key(identity, dataset.fingerprint, config.evaluate, config.instruction)
+    evaluation = EvaluateRequest(evaluate=config.evaluate, base_url="", model_name="", dataset_dir=dataset.path,
+                                 instruction=config.instruction, output_path=f"evals/{eval_key.key}.json")
+    needs_server = (run.refresh or not _on_disk(stages.consistency, check_request, config)
+                    or not _on_disk(stages.evaluate, evaluation, config))
     if not needs_server:
-        outcomes["serve_finetuned"] = StageOutcome(state="Skipped", output="check and evaluation already on disk")
+        run.skip("serve_finetuned", "check and evaluation already on disk")
     with serving_if(needs_server, config, exported.merged_dir) as served:
         if served is not None:
-            outcomes["serve_finetuned"] = StageOutcome(state="Completed", output=served.base_url)
+            run.outcomes["serve_finetuned"] = StageOutcome(state="Completed", output=served.base_url)
             check_request = check_request.model_copy(
                 update={"base_url": served.base_url, "model_name": served.model_name})
-        checked, state = _finish(check_key, _submit(stages.consistency, check_request, config, refresh))
-        outcomes["consistency"] = StageOutcome(
-            state=state if checked.passed else "Failed", output=checked.report_path, key=check_key.key
-        )
-        artifacts.publish_consistency(checked, where=get_executor(ExecutorSpec.for_stage(config, "consistency")))
+        checked = run.stage(stages.consistency, check_key, check_request, output=lambda r: r.report_path)
+        if not checked.passed:
+            run.outcomes["consistency"] = run.outcomes["consistency"].model_copy(update={"state": "Failed"})
+        artifacts.publish_consistency(checked, where=run.where("consistency"))
         checked.raise_for_mismatch()
-        finetuned = _evaluate_model(config, "finetuned", exported.merged_dir, finetuned_identity,
-                                    dataset.fingerprint, dataset.path, refresh, outcomes, served=served)
-    evaluations = {
-        "base": _evaluate_model(config, "base", model.path, model.fingerprint, dataset.fingerprint, dataset.path,
-                                refresh, outcomes),
-        "finetuned": finetuned,
-    }
-    evaluated = get_executor(ExecutorSpec.for_stage(config, "evaluate"))
+        return _evaluate_model(run, "finetuned", exported.merged_dir, identity, dataset.fingerprint, dataset.path,
+                               served=served)
+
+
+def _result(run: _Run, dataset: Any, model: Any, trained: Any, exported: Any,
+            evaluations: dict[str, EvaluateResult]) -> PipelineResult:
+    """What the run made, its paths named as what they are: local files, or places on the Modal Volume."""
+    config = run.config
+    evaluated = run.where("evaluate")
     artifacts.publish_metrics(evaluations)
     artifacts.publish_eval_report(evaluations, where=evaluated)
-    # Paths as what they are: local files, or places on the Modal Volume (`vlmpipe pull` fetches those).
-    shown = {stage: get_executor(ExecutorSpec.for_stage(config, stage)).display_path
-             for stage in ("prepare_dataset", "prepare_model", "train", "export")}
     result = PipelineResult(
-        stages=outcomes,
-        dataset_dir=shown["prepare_dataset"](dataset.path),
-        model_dir=shown["prepare_model"](model.path),
-        adapter_dir=shown["train"](trained.adapter_dir),
-        merged_dir=shown["export"](exported.merged_dir),
+        stages=run.outcomes,
+        dataset_dir=run.where("prepare_dataset").display_path(dataset.path),
+        model_dir=run.where("prepare_model").display_path(model.path),
+        adapter_dir=run.where("train").display_path(trained.adapter_dir),
+        merged_dir=run.where("export").display_path(exported.merged_dir),
         metrics={label: e.metrics.model_dump() for label, e in evaluations.items()},
         results_files={label: evaluated.display_path(e.results_path) for label, e in evaluations.items()},
         storage_root=str(storage_root()),
-        remote_outputs={stage: location for stage, location in (
-            ("merged", exported.merged_dir), ("adapter", trained.adapter_dir))
-            if config.executor_for("export" if stage == "merged" else "train") == "modal"},
+        remote_outputs={what: location for what, stage, location in (
+            ("merged", "export", exported.merged_dir), ("adapter", "train", trained.adapter_dir))
+            if config.executor_for(stage) == "modal"},
     )
+    logger = get_run_logger()
     logger.info("merged model: %s", result.merged_dir)
     for label, metrics in result.metrics.items():
         logger.info("%s: CER %s, WER %s, exact match %s", label, metrics["cer"], metrics["wer"], metrics["exact_match"])

@@ -96,14 +96,15 @@ def _champion_metrics(champion: Entry | None, candidate: Entry, config: Pipeline
                       dataset_fingerprint: str, outcomes: dict[str, StageOutcome]) -> dict[str, Any] | None:
     """The champion's metrics on the candidate's test set: the recorded ones if they are from it, else a new
     evaluation of the champion model (served from its merged folder)."""
-    from flows.pipeline import _evaluate_model
+    from flows.pipeline import _evaluate_model, _Run
 
     if champion is None or champion.merged_dir == candidate.merged_dir or champion.eval_basis == candidate.eval_basis:
         return None
     get_run_logger().info("the champion was scored on another test set or settings: scoring it on this one")
     evaluation = _evaluate_model(
-        config, "champion", champion.merged_dir, champion.model_identity or f"merged:{champion.merged_dir}",
-        dataset_fingerprint, result.stages["prepare_dataset"].output, False, outcomes,
+        _Run(config, refresh=False, outcomes=outcomes), "champion", champion.merged_dir,
+        champion.model_identity or f"merged:{champion.merged_dir}", dataset_fingerprint,
+        result.stages["prepare_dataset"].output,
     )
     return evaluation.metrics.model_dump()
 
