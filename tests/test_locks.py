@@ -226,3 +226,31 @@ def test_two_identical_runs_at_once_compute_once_and_the_second_reports_cached(v
     assert run_stage.prepare("datasets/twice") == "Cached"
     assert run_stage.prepare("datasets/twice", refresh=True) == "Completed"
     assert (output / "vlmpipe_manifest.json").exists()
+
+
+def test_a_second_identical_run_waits_for_the_first_before_deciding_it_needs_a_server(vlmpipe_home):
+    """The flow decides whether to start a server from whether consistency's output is there; deciding that while
+    an identical run still computes it started a second server. It is decided once that run's lock is free."""
+    import threading
+
+    from flows.pipeline import _on_disk
+    from modal_jobs.config import PipelineConfig
+    from modal_jobs.consistency import ConsistencyRequest
+    from tasks import stages
+
+    request = ConsistencyRequest(model_dir="models/m", adapter_dir="runs/k/lora", merged_dir="runs/k/merged",
+                                 dataset_dir="datasets/d", instruction="x", output_path="runs/k/consistency-c.json")
+    first_run = _holder_process(vlmpipe_home / "locks", stages.cache_key("consistency", request))
+    answers: list[bool] = []
+    waiter = threading.Thread(target=lambda: answers.append(
+        _on_disk(stages.consistency, request, PipelineConfig.embedded())), daemon=True)
+    waiter.start()
+    try:
+        waiter.join(2)
+        assert waiter.is_alive() and not answers  # waiting on the first run, not deciding from a half-done state
+        (vlmpipe_home / "runs" / "k").mkdir(parents=True)
+        (vlmpipe_home / "runs" / "k" / "consistency-c.json").write_text("{}")  # the first run finishes its check
+    finally:
+        _kill(first_run)
+    waiter.join(30)
+    assert answers == [True]  # on disk: no server needed
