@@ -105,6 +105,8 @@ class TrialOutcome(BaseModel):
     error: str | None = None
     merged_dir: str | None = None
     flow_run_id: str | None = None
+    # The trial's whole result, for the promotion gate; not on the board.
+    result: PipelineResult | None = Field(None, exclude=True, repr=False)
 
 
 class SweepResult(BaseModel):
@@ -316,7 +318,7 @@ def run_trial(trial: Trial, refresh: bool = False) -> TrialOutcome:
     return outcome.model_copy(update={
         "status": "cached" if stages.get("train") == "Cached" else "trained", "stages": stages,
         "metrics": result.metrics.get("finetuned", {}), "steps": _steps(result, trial.config),
-        "cost_usd": _trial_cost(flow_run_id), "merged_dir": result.stages["export"].output,
+        "cost_usd": _trial_cost(flow_run_id), "merged_dir": result.stages["export"].output, "result": result,
     })
 
 
@@ -561,10 +563,8 @@ def sweep(config: PipelineConfig = PipelineConfig(), sweep: SweepSettings = Swee
 
     promotion = None
     if settings.promote_best and best is not None and not cancelled:
-        # The best trial's result again, from its cached stages (a second run of its subflow costs key checks).
         best_trial = next(t for t in trials if t.number == best.number)
-        result = sweep_trial.with_options(flow_run_name=f"{best_trial.name}-promote")(config=best_trial.config)
-        promotion = _promote(result, best_trial.config)
+        promotion = _promote(best.result, best_trial.config)
     result = SweepResult(
         state="Cancelled" if cancelled else "Completed", shared=shared, trials=ordered, metric=metric,
         best=best.number if best else None, base_metrics=base_metrics, leaderboard_path=str(resolve(folder) / "leaderboard.json"),

@@ -68,6 +68,22 @@ def test_a_2x2_grid_trains_4_trials_on_stages_shared_once(two_by_two):
     assert {t.metrics["num_samples"] for t in result.trials} == {2}
 
 
+def test_trials_train_side_by_side_at_most_max_parallel_at_once(two_by_two):
+    """Two trials' trainings overlap (max_parallel 2), three never do. As Prefect tasks around subflows, the trials
+    ran one after the other: each held its stages' cache locks until it ended."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    result, _ = two_by_two
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[t.flow_run_id for t in result.trials])))
+    spans = [(r.start_time, r.end_time) for r in runs if r.name.startswith("train-") and r.start_time]
+    assert len(spans) == 4
+    at_once = [sum(start <= moment < end for start, end in spans) for moment, _ in spans]
+    assert max(at_once) == 2, spans
+
+
 def test_the_board_has_one_row_per_trial_and_a_plot(two_by_two):
     import json
     from pathlib import Path
@@ -82,8 +98,14 @@ def test_the_board_has_one_row_per_trial_and_a_plot(two_by_two):
 
 
 def test_a_rerun_with_one_added_value_trains_only_the_new_trial(two_by_two):
-    state = run_sweep({"train.learning_rate": [1e-3, 3e-3, 1e-2]}, "train.lora_r=4")
+    state = run_sweep({"train.learning_rate": [1e-3, 3e-3, 1e-2]}, "train.lora_r=4", promote_best=True)
     result = state.result()
+    # The best trial went through retrain's gate: the registry was empty, so it is the champion now.
+    from modal_jobs.registry import read_registry
+
+    assert result.promotion.startswith("promoted"), result.promotion
+    best = next(t for t in result.trials if t.number == result.best)
+    assert read_registry("embedded").champion.merged_dir == best.merged_dir
     assert {t.values["train.learning_rate"]: t.status for t in result.trials} == \
         {1e-3: "cached", 3e-3: "cached", 1e-2: "trained"}
     cached = [t for t in result.trials if t.status == "cached"]
@@ -101,6 +123,28 @@ def test_a_failing_trial_fails_alone(two_by_two):
     assert "no_such_optimizer" in by_optim["no_such_optimizer"].error
     assert by_optim["adamw_torch"].status == "cached" and by_optim["adamw_torch"].metrics["cer"] is not None
     assert result.best == by_optim["adamw_torch"].number
+
+
+def test_a_trials_cost_is_the_sum_of_its_stages_cost_artifacts(sweep_env):
+    """What the Modal executor publishes per stage (`cost-<stage>` tables), summed per trial; none: unknown."""
+    from prefect import flow, task
+    from prefect.artifacts import create_table_artifact
+    from prefect.runtime import flow_run
+
+    from flows.sweep import _trial_cost
+
+    @task
+    def stage(name: str, usd: float) -> None:
+        create_table_artifact([{"stage": name, "estimated_usd": usd}], key=f"cost-{name}")
+
+    @flow
+    def priced(costs: dict[str, float]) -> str:
+        for name, usd in costs.items():
+            stage(name, usd)
+        return str(flow_run.id)
+
+    assert _trial_cost(priced({"train": 1.25, "serve-sandbox": 0.5})) == 1.75
+    assert _trial_cost(priced({})) is None
 
 
 def _running_train_jobs() -> list:
@@ -184,3 +228,18 @@ def test_a_bad_grid_fails_before_any_job(sweep_env):
     grid = SweepSettings(grid={"train.learning_rate": [1e-4, 2e-4, 3e-4], "train.lora_r": [8, 16]}, random=3, seed=7)
     first, again = plan_trials(config, grid), plan_trials(config, grid)
     assert len(first) == 3 and [t.values for t in first] == [t.values for t in again]
+
+
+def test_the_cli_refuses_a_bad_grid_in_one_line_before_any_job(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VLMPIPE_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    for grid, message in (("evaluate.temperature=0,0.5", "train.* settings only"),
+                          ("train.lora_r=8,0", "sweep trial train.lora_r=0"),
+                          ("train.lora_r", "expected KEY=V1,V2")):
+        done = subprocess.run([sys.executable, "-m", "flows.cli", "sweep", "--grid", grid], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert done.stderr.count("\n") == 1 and not (tmp_path / "home" / "runs").exists()
