@@ -182,7 +182,11 @@ def _prepare_shared(config: PipelineConfig, trials: list[Trial], refresh: bool
     from modal_jobs.dataset import source_fingerprint as dataset_source_fingerprint
     from modal_jobs.encode import EncodeRequest
     from modal_jobs.model import source_fingerprint as model_source_fingerprint
-    from modal_jobs.schemas import EvaluateRequest, PrepareDatasetRequest, PrepareModelRequest
+    from modal_jobs.schemas import (
+        EvaluateRequest,
+        PrepareDatasetRequest,
+        PrepareModelRequest,
+    )
     from tasks import stages
     from tasks.executors import ExecutorSpec, get_executor
 
@@ -268,7 +272,11 @@ def _trial_cost(flow_run_id: str | None) -> float | None:
         return None
     try:
         from prefect.client.orchestration import get_client
-        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterId,
+            FlowRunFilterParentFlowRunId,
+        )
 
         with get_client(sync_client=True) as client:
             runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
@@ -413,7 +421,11 @@ def plot_png(outcomes: list[TrialOutcome], metric: str) -> bytes | None:
 
 
 def _publish_board(rows: list[dict[str, Any]], png: bytes | None, metric: str, summary: str) -> None:
-    from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+    from prefect.artifacts import (
+        create_image_artifact,
+        create_markdown_artifact,
+        create_table_artifact,
+    )
 
     create_table_artifact(rows, key="sweep-leaderboard",
                           description=f"One row per trial, best {metric} first; intervals are bootstrap intervals "
@@ -434,7 +446,12 @@ def _publish_board(rows: list[dict[str, Any]], png: bytes | None, metric: str, s
 def _promote(result: PipelineResult, config: PipelineConfig) -> str:
     """The best trial through `vlmpipe retrain`'s gate (flows.retrain): judged against the registry's champion on
     the same test set, recorded, and published only if promoted."""
-    from flows.retrain import _DECIDE_ATTEMPTS, _candidate, _champion_metrics, publish_promotion
+    from flows.retrain import (
+        _DECIDE_ATTEMPTS,
+        _candidate,
+        _champion_metrics,
+        publish_promotion,
+    )
     from modal_jobs.registry import ChampionChanged, judge, read_registry, record
     from tasks.champion import publish_champion
 
@@ -485,7 +502,13 @@ def sweep(config: PipelineConfig = PipelineConfig(), sweep: SweepSettings = Swee
     from prefect.states import Cancelled
 
     from flows.pipeline import _check_modal_credentials
-    from modal_jobs.storage import atomic_write_json, check_writable, resolve, short_hash, storage_root
+    from modal_jobs.storage import (
+        atomic_write_json,
+        check_writable,
+        resolve,
+        short_hash,
+        storage_root,
+    )
     from tasks.executors import stop_running_jobs
 
     logger = get_run_logger()
