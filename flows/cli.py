@@ -673,7 +673,13 @@ def sweep(
     typer.echo(f"\nboard: {result.leaderboard_path}\nplot:  {result.plot_path or '—'}")
     if result.promotion:
         typer.echo(f"\n{result.promotion}")
-    _next_steps(log_path, "vlmpipe serve <merged dir of the best trial>    # runs/<train key>/merged-<export key>")
+    best = next((t for t in result.trials if t.number == result.best), None)
+    if best is None:
+        _next_steps(log_path)
+        return
+    from modal_jobs.storage import resolve
+
+    _next_steps(log_path, f"vlmpipe serve {resolve(best.merged_dir)}    # the best trial's merged model")
 
 
 if __name__ == "__main__":

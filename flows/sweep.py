@@ -406,7 +406,11 @@ def plot_png(outcomes: list[TrialOutcome], metric: str) -> bytes | None:
             axis.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=4, label=label)
         if numeric and "learning_rate" in key and min(o.values[key] for o in scored) > 0:
             axis.set_xscale("log")
-        if not numeric:
+        if numeric:  # the values tried, not matplotlib's round numbers between them
+            values = sorted({o.values[key] for o in scored})
+            axis.set_xticks(values, [_short(v) for v in values])
+            axis.minorticks_off()
+        else:
             axis.set_xticks(range(len(categories)), categories)
         axis.set_xlabel(key)
         axis.set_ylabel(f"{metric} ({'lower' if _lower_is_better(metric) else 'higher'} is better)")
