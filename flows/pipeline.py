@@ -22,8 +22,8 @@ from flows.serving import serving_if
 from modal_jobs import keys
 from modal_jobs.config import PipelineConfig
 from modal_jobs.consistency import ConsistencyRequest
-from modal_jobs.errors import InputError
 from modal_jobs.encode import EncodeRequest
+from modal_jobs.errors import InputError
 from modal_jobs.schemas import (
     EvaluateRequest,
     EvaluateResult,
@@ -315,13 +315,18 @@ def _encode_images(run: _Run, dataset: Any, model: Any, train_request: TrainRequ
     if not run.refresh and run.where("train").output_exists(train_request.adapter_dir):
         run.skip("encode_images", "adapter already on disk")
         return train_request
+    return train_request.model_copy(update={"features_dir": _encode(run, dataset, model).features_dir})
+
+
+def _encode(run: _Run, dataset: Any, model: Any) -> Any:
+    """The encode_images stage itself (one set of features per dataset and base model, whatever trains on it)."""
+    config = run.config
     encode_key = keys.encode_images_key(dataset.fingerprint, model.fingerprint, config.model.dtype,
                                         run.where("encode_images").library_versions())
     request = EncodeRequest(model=config.model, dataset_dir=dataset.path, model_dir=model.path,
                             output_dir=f"features/{encode_key.key}")
-    encoded = run.stage(stages.encode_images, encode_key, request, output=lambda r: r.features_dir, artifact=(
+    return run.stage(stages.encode_images, encode_key, request, output=lambda r: r.features_dir, artifact=(
         "image-features", lambda r: f"{r.num_images} images encoded ({r.size_bytes / 1e9:.1f} GB)"))
-    return train_request.model_copy(update={"features_dir": encoded.features_dir})
 
 
 def _train(run: _Run, train_key: keys.StageKey, train_request: TrainRequest) -> Any:

@@ -176,73 +176,24 @@ def _prepare_shared(config: PipelineConfig, trials: list[Trial], refresh: bool
     """prepare_dataset, prepare_model, encode_images and the base model's evaluation as the pipeline runs them (same
     keys, same requests), so every trial finds them Cached; returns their outcomes and the base model's metrics.
     encode_images is skipped when every trial's adapter is already on disk."""
-    from flows.pipeline import _finish, _on_disk, _submit, _where
-    from flows.serving import serving_if
+    from flows.pipeline import _encode, _evaluate_model, _prepare, _Run
     from modal_jobs import keys
-    from modal_jobs.dataset import source_fingerprint as dataset_source_fingerprint
-    from modal_jobs.encode import EncodeRequest
-    from modal_jobs.model import source_fingerprint as model_source_fingerprint
-    from modal_jobs.schemas import (
-        EvaluateRequest,
-        PrepareDatasetRequest,
-        PrepareModelRequest,
-    )
-    from tasks import stages
-    from tasks.executors import ExecutorSpec, get_executor
 
-    outcomes: dict[str, StageOutcome] = {}
-    dataset_key = keys.prepare_dataset_key(config.dataset, dataset_source_fingerprint(config.dataset))
-    model_key = keys.prepare_model_key(config.model, model_source_fingerprint(config.model))
-    dataset_future = _submit(stages.prepare_dataset, PrepareDatasetRequest(
-        dataset=config.dataset, output_dir=f"datasets/{dataset_key.key}"), config, refresh)
-    model_future = _submit(stages.prepare_model, PrepareModelRequest(
-        model=config.model, output_dir=f"models/{model_key.key}"), config, refresh)
-    dataset, state = _finish(dataset_key, dataset_future)
-    outcomes["prepare_dataset"] = StageOutcome(state=state, output=dataset.path, key=dataset_key.key)
-    model, state = _finish(model_key, model_future)
-    outcomes["prepare_model"] = StageOutcome(state=state, output=model.path, key=model_key.key)
-
-    pixel_trials = [t for t in trials if t.config.train.finetune_vision_layers]
-    train_executor = get_executor(ExecutorSpec.for_stage(config, "train"))
-    versions = train_executor.library_versions()
+    run = _Run(config, refresh)
+    dataset, model = _prepare(run)
+    versions = run.where("train").library_versions()
     train_keys = [keys.train_key(dataset.fingerprint, model.fingerprint, t.config.train, t.config.model,
                                  t.config.instruction, versions).key for t in trials]
-    all_trained = all(train_executor.output_exists(f"runs/{key}/lora") for key in train_keys)
-    if len(pixel_trials) == len(trials):
-        outcomes["encode_images"] = StageOutcome(state="Skipped", output="every trial trains its vision layers")
-    elif all_trained and not refresh:
-        outcomes["encode_images"] = StageOutcome(state="Skipped", output="every trial's adapter already on disk")
+    if all(t.config.train.finetune_vision_layers for t in trials):
+        run.skip("encode_images", "every trial trains its vision layers")
+    elif not refresh and all(run.where("train").output_exists(f"runs/{key}/lora") for key in train_keys):
+        run.skip("encode_images", "every trial's adapter already on disk")
     else:
-        encode_key = keys.encode_images_key(
-            dataset.fingerprint, model.fingerprint, config.model.dtype,
-            get_executor(ExecutorSpec.for_stage(config, "encode_images")).library_versions(),
-        )
-        request = EncodeRequest(model=config.model, dataset_dir=dataset.path, model_dir=model.path,
-                                output_dir=f"features/{encode_key.key}")
-        encoded, state = _finish(encode_key, _submit(stages.encode_images, request, config, refresh))
-        outcomes["encode_images"] = StageOutcome(state=state, output=encoded.features_dir, key=encode_key.key)
-        from tasks import artifacts
-
-        artifacts.publish_output("image-features", encoded.features_dir,
-                                 f"{encoded.num_images} images encoded, shared by {len(trials)} trials",
-                                 where=_where(config, "encode_images"))
+        _encode(run, dataset, model)
     # The base model's score, once: trials started together would otherwise each start a server for it. The same
     # key and output as the pipeline's base evaluation, so every trial finds it Cached.
-    eval_key = keys.evaluate_key(model.fingerprint, dataset.fingerprint, config.evaluate, config.instruction)
-    request = EvaluateRequest(
-        evaluate=config.evaluate, base_url="", model_name="", dataset_dir=dataset.path, instruction=config.instruction,
-        output_path=f"evals/{eval_key.key}.json", label="base", api_key_env=config.serve.api_key_env,
-    )
-    needs_server = refresh or not _on_disk(stages.evaluate, request, config)
-    outcomes["serve_base"] = StageOutcome(state="Skipped", output="evaluation already on disk")
-    with serving_if(needs_server, config, model.path) as served:
-        if served is not None:
-            outcomes["serve_base"] = StageOutcome(state="Completed", output=served.base_url)
-            request = request.model_copy(update={"base_url": served.base_url, "model_name": served.model_name})
-        base, state = _finish(eval_key, _submit(stages.evaluate, request, config, refresh, "evaluate-base"),
-                              label="evaluate_base")
-    outcomes["evaluate_base"] = StageOutcome(state=state, output=base.results_path, key=eval_key.key)
-    return outcomes, base.metrics.model_dump()
+    base = _evaluate_model(run, "base", model.path, model.fingerprint, dataset.fingerprint, dataset.path)
+    return run.outcomes, base.metrics.model_dump()
 
 
 # --- one trial ----------------------------------------------------------------------------------------------
