@@ -6,6 +6,8 @@ Run as: vlmpipe run [--config FILE] [--set section.key=value ...] [--json] [--re
         vlmpipe deploy [--config FILE] [--pool NAME]      (against PREFECT_API_URL)
         vlmpipe retrain [--config FILE] [--set ...] [--json] [--refresh]
         vlmpipe registry [--name NAME] [--json]            vlmpipe rollback [--name NAME]
+        vlmpipe sweep [--config FILE] --grid train.KEY=V1,V2 [--grid ...] [--random N --seed S] [--promote-best]
+        vlmpipe pull PATH [--to DIR]                       (an output on the Modal Volume)
 
 With no --config, `vlmpipe run` is the embedded default: a tiny Gemma 3 vision model, a synthetic LaTeX OCR
 set and a local server, all on this machine, with Prefect's ephemeral API.
