@@ -224,8 +224,11 @@ def test_ctrl_c_during_training_returns_in_seconds_and_the_next_run_resumes(tmp_
 
     home = tmp_path / "home"
     with _vlmpipe_run(home, *_INTERRUPTIBLE) as run:
-        _wait_for(lambda: list(home.glob("runs/*/checkpoints/checkpoint-*")) or run.poll() is not None, 900,
-                  "the first checkpoint")
+        from modal_jobs.train import latest_complete_checkpoint
+
+        # A complete checkpoint (its folder appears before its files are written: Ctrl-C then has nothing to resume).
+        _wait_for(lambda: any(latest_complete_checkpoint(folder) for folder in home.glob("runs/*/checkpoints"))
+                  or run.poll() is not None, 900, "the first complete checkpoint")
         assert run.poll() is None, run.communicate()[1][-3000:]
         children = psutil.Process(run.pid).children(recursive=True)
         assert any("uvicorn" in " ".join(c.cmdline()) for c in children)  # the API server, which must survive
