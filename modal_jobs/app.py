@@ -416,7 +416,8 @@ def start_evaluation_server(request: dict[str, Any], ready_timeout_s: float) -> 
         )
     else:
         print(f"reusing the running Sandbox {name} ({sandbox.object_id})", file=sys.stderr)
-    base_url = sandbox.tunnels()[WEB_PORT].url.rstrip("/") + "/v1"
+    # The tunnel exists once the Sandbox's container runs: a GPU to schedule and an image to pull come first.
+    base_url = sandbox.tunnels(timeout=int(ready_timeout_s))[WEB_PORT].url.rstrip("/") + "/v1"
     api_key = os.environ[typed.serve.api_key_env] if typed.serve.api_key_env else None
     deadline = time.monotonic() + ready_timeout_s
     try:

@@ -300,7 +300,7 @@ class ModalExecutor:
         written: list[Path] = []
         destination.mkdir(parents=True, exist_ok=True)
         for remote in files:
-            inside = PurePosixPath(remote).relative_to(PurePosixPath(location).parent)
+            inside = PurePosixPath(remote.lstrip("/")).relative_to(PurePosixPath(location).parent)
             target = destination / inside
             target.parent.mkdir(parents=True, exist_ok=True)
             partial = target.with_name(f".{target.name}.partial")
@@ -318,8 +318,10 @@ class ModalExecutor:
             self.client.terminate_sandbox(served.sandbox_id)
             logger.info("serve: stopped the vLLM Sandbox %s", served.sandbox_id)
         except Exception as error:  # it ends itself after its idle timeout; say so rather than fail the run
+            from modal_jobs.app import SANDBOX_IDLE_TIMEOUT_S
+
             logger.warning("serve: could not stop Sandbox %s (%s); it stops itself after %d idle minutes",
-                           served.sandbox_id, error, 20)
+                           served.sandbox_id, error, SANDBOX_IDLE_TIMEOUT_S // 60)
         if seconds_up is not None:
             from modal_jobs.app import GPUS, SERVE_CPU, SERVE_MEMORY_MIB
 
