@@ -159,18 +159,14 @@ def publish_promotion(registry_name: str, decision: Decision, candidate: Entry,
                              description=f"{decision.verdict}: candidate vs champion on {decision.metric}")
 
 
-@flow(name="retrain", flow_run_name=_run_name, log_prints=True)
-def retrain(config: PipelineConfig = PipelineConfig(), refresh: bool = False) -> RetrainResult:
-    """Fine-tune (cached stages are reused), then promote the model only if it beats the registry's champion."""
+def promote_if_better(result: PipelineResult, config: PipelineConfig, outcomes: dict[str, StageOutcome]) -> tuple:
+    """The promotion gate for a finished pipeline result: judge it against the registry's champion on the same
+    test set, record the decision (deciding again if the champion changed meanwhile), publish the champion to the
+    production endpoint if promoted, and publish the numbers. Returns (decision, registry, candidate, the champion
+    it was judged against, that champion's metrics)."""
     logger = get_run_logger()
-    check_writable()
     name = config.promote.registry_name
-    read_registry(name)  # a bad registry name or a corrupt file fails before any training
-
-    result = finetune_pipeline.with_options(flow_run_name=describe(config))(config=config, refresh=refresh)
-    outcomes = dict(result.stages)
     candidate, fingerprint = _candidate(result, config)
-
     for attempt in range(_DECIDE_ATTEMPTS):
         registry = read_registry(name)
         judged_against = registry.champion
@@ -183,13 +179,25 @@ def retrain(config: PipelineConfig = PipelineConfig(), refresh: bool = False) ->
             if attempt == _DECIDE_ATTEMPTS - 1:
                 raise
             logger.warning("%s", changed)
-
     logger.info("%s", decision.reason)
     if decision.verdict == "promoted":
         published = publish_champion(config, registry.champion)
         if published:
             logger.info("the production endpoint now serves %s (%s)", registry.champion.merged_dir, published)
     publish_promotion(name, decision, candidate, judged_against, champion_metrics)
+    return decision, registry, candidate, judged_against, champion_metrics
+
+
+@flow(name="retrain", flow_run_name=_run_name, log_prints=True)
+def retrain(config: PipelineConfig = PipelineConfig(), refresh: bool = False) -> RetrainResult:
+    """Fine-tune (cached stages are reused), then promote the model only if it beats the registry's champion."""
+    check_writable()
+    name = config.promote.registry_name
+    read_registry(name)  # a bad registry name or a corrupt file fails before any training
+
+    result = finetune_pipeline.with_options(flow_run_name=describe(config))(config=config, refresh=refresh)
+    outcomes = dict(result.stages)
+    decision, registry, candidate, judged_against, champion_metrics = promote_if_better(result, config, outcomes)
     return RetrainResult(
         verdict=decision.verdict, decision=decision, registry=name,
         champion_merged_dir=str(resolve(registry.champion.merged_dir)) if registry.champion else None,

@@ -401,35 +401,9 @@ def _publish_board(rows: list[dict[str, Any]], png: bytes | None, metric: str, s
 def _promote(result: PipelineResult, config: PipelineConfig) -> str:
     """The best trial through `vlmpipe retrain`'s gate (flows.retrain): judged against the registry's champion on
     the same test set, recorded, and published only if promoted."""
-    from flows.retrain import (
-        _DECIDE_ATTEMPTS,
-        _candidate,
-        _champion_metrics,
-        publish_promotion,
-    )
-    from modal_jobs.registry import ChampionChanged, judge, read_registry, record
-    from tasks.champion import publish_champion
+    from flows.retrain import promote_if_better
 
-    logger = get_run_logger()
-    name = config.promote.registry_name
-    outcomes = dict(result.stages)
-    candidate, fingerprint = _candidate(result, config)
-    for attempt in range(_DECIDE_ATTEMPTS):
-        registry = read_registry(name)
-        judged_against = registry.champion
-        champion_metrics = _champion_metrics(judged_against, candidate, config, result, fingerprint, outcomes)
-        decision = judge(registry, candidate, champion_metrics, config.promote)
-        try:
-            registry = record(name, decision, candidate)
-            break
-        except ChampionChanged as changed:
-            if attempt == _DECIDE_ATTEMPTS - 1:
-                raise
-            logger.warning("%s", changed)
-    logger.info("%s", decision.reason)
-    if decision.verdict == "promoted":
-        publish_champion(config, registry.champion)
-    publish_promotion(name, decision, candidate, judged_against, champion_metrics)
+    decision = promote_if_better(result, config, dict(result.stages))[0]
     return f"{decision.verdict}: {decision.reason}"
 
 
