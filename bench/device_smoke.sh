@@ -10,6 +10,7 @@
 # Device calls (carry [".carry"]):
 #   bash bench/device_smoke.sh start "NAME [gpu_smoke args]" ...   unpack (once), check imports, then run each
 #                                                                   NAME in turn, detached, on one storage root
+#   bash bench/device_smoke.sh bench [train_speed args]             the fair training bench, detached (NAME: bench)
 #   bash bench/device_smoke.sh wait NAME SECONDS                    wait for NAME (at most SECONDS), collect it
 # What comes back under $OUT: NAME.md (the table), NAME.json, NAME.log (the flow's stderr), NAME.out.
 set -uo pipefail
@@ -48,6 +49,14 @@ print('imports ok; torch', torch.__version__, torch.cuda.is_available() and torc
   setsid nohup bash -c "$script" >/dev/null 2>&1 </dev/null &
   echo "started: $*"
   ;;
+bench)
+  # bench.train_speed's fair comparison ((b), (b'), (c) from cold kernel caches), detached: collect it with
+  # `wait bench SECONDS`.
+  mkdir -p "$work/out-bench"
+  setsid nohup bash -c "python3 -m bench.train_speed --workdir '$work/bench' --out '$work/out-bench' $* \
+    >'$work/bench.out' 2>&1 </dev/null; echo \$? >'$work/bench.done'" >/dev/null 2>&1 </dev/null &
+  echo "started: bench.train_speed $*"
+  ;;
 wait)
   name=$1; limit=${2:-500}; waited=0
   while [ ! -f "$work/$name.done" ] && [ "$waited" -lt "$limit" ]; do sleep 5; waited=$((waited + 5)); done
@@ -55,7 +64,8 @@ wait)
     || echo "$name still running after ${waited}s"
   cp "$work/$name.out" "$work/out-$name/"* "$OUT/" 2>/dev/null
   tail -3 "$work/$name.out" 2>/dev/null
-  cat "$work/out-$name/$name.md" 2>/dev/null || tail -25 "$work/out-$name/$name.log" 2>/dev/null
+  cp -r "$work/out-$name/logs" "$OUT/" 2>/dev/null
+  cat "$work/out-$name/$name.md" "$work/out-$name/train_speed.md" 2>/dev/null || tail -25 "$work/out-$name/$name.log" 2>/dev/null
   nvidia-smi --query-gpu=memory.used --format=csv,noheader
   ;;
 esac
