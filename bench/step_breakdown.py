@@ -76,11 +76,10 @@ def main() -> None:
         (args.out / "step_breakdown.json").write_text(json.dumps(report, indent=2, default=str))
 
     # The trainer exactly as the job builds it (TRL backend, cached features), to borrow its model and collator.
-    import modal_jobs.train as job
-    from modal_jobs.train import build_trainer
+    from modal_jobs.train import build_trainer, levers
 
-    job.FEATURES_MAX_MICRO_BATCH = 64
-    job.FEATURES_COMPILE = False  # the variants below compile when they mean to
+    levers.FEATURES_MAX_MICRO_BATCH = 64
+    levers.FEATURES_COMPILE = False  # the variants below compile when they mean to
     spec = {**spec, "features_dir": encode["features_dir"]}
     request = _train_request(spec, "breakdown", encode["features_dir"], "trl", 1000)
     setup = build_trainer(request)
@@ -234,7 +233,7 @@ def main() -> None:
     elif args.set == "v4":
         # v4: the job as shipped before packing (fused, padded to 64, selective inside compiled layers, 16) vs
         # packed rows under FlexAttention; then what the trainer adds to a step (fused AdamW, clipping).
-        import modal_jobs.train as job
+        from modal_jobs.train import levers
 
         layers = model.get_base_model().model.language_model.layers
 
@@ -244,7 +243,7 @@ def main() -> None:
                 layer.__dict__.pop("forward", None)
             collator.pad_to_multiple_of, collator.pack = 64, pack
             model.set_attn_implementation("flex_attention" if pack else "sdpa")
-            job._compile_layers(model, recompute="selective")
+            levers._compile_layers(model, recompute="selective")
 
         lora = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(lora, lr=2e-4, fused=on_gpu)
@@ -268,17 +267,17 @@ def main() -> None:
         # v3: where recomputation happens with compiled layers (fused LoRA forwards, lengths padded to 64, 16).
         import functools
 
-        import modal_jobs.train as job
+        from modal_jobs.train import levers
 
         layers = model.get_base_model().model.language_model.layers
-        selective = job.selective_checkpoint_kwargs
+        selective = levers.selective_checkpoint_kwargs
 
         def compiled(recompute, max_saved_width=None):
             torch._dynamo.reset()
             for layer in layers:
                 layer.__dict__.pop("forward", None)
-            job.selective_checkpoint_kwargs = functools.partial(selective, max_saved_width=max_saved_width)
-            job._compile_layers(model, recompute=recompute)
+            levers.selective_checkpoint_kwargs = functools.partial(selective, max_saved_width=max_saved_width)
+            levers._compile_layers(model, recompute=recompute)
 
         if on_gpu and "compile" not in skip:
             compiled(False)
@@ -295,7 +294,7 @@ def main() -> None:
             timed_with_compile("inside_selective_mb16", ours, big, order_random, False)
             run("inside_selective_mb16_sorted", ours, big, order_sorted, False)
             profile_step("inside, selective, 16", ours, big, order_random, False)
-            job.selective_checkpoint_kwargs = selective
+            levers.selective_checkpoint_kwargs = selective
         save()
     else:
         # v2: the fused LoRA forward and bucketed lengths, eager then compiled; the last compiled variant is the

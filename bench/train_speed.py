@@ -341,8 +341,8 @@ def _profile_trainer_steps(out: Path, first: int, count: int = 3, sync_steps: in
     with every host-synchronising CUDA operation counted by its stack (OUT/trainer_syncs.txt), then `count`
     profiled steps: a kernel table, how busy the GPU was, and its idle gaps charged to the host operations that
     ended them (OUT/trainer_profile.txt, OUT/trainer_idle.json)."""
-    import modal_jobs.train as job
     from bench.gpu_idle import SyncRecorder, idle_report
+    from modal_jobs.train import job  # where train() looks build_trainer up
 
     build = job.build_trainer
     profiled_from = first + sync_steps
@@ -607,7 +607,7 @@ def child_ours_again(spec: dict) -> dict:
 def child_levers(spec: dict) -> dict:
     """Our job with one lever changed at a time (cached features), while time is left. One process: the layers
     compiled for the first variant serve the later ones (dynamo's cache), so each pays only its own recompiles."""
-    import modal_jobs.train as job
+    from modal_jobs.train import levers
 
     deadline = spec["deadline"]
     variants = [
@@ -618,7 +618,7 @@ def child_levers(spec: dict) -> dict:
                                                       "FEATURES_GRADIENT_CHECKPOINTING": True}),
         ("not compiled", {"FEATURES_COMPILE": False}),
     ]
-    defaults = {name: getattr(job, name) for name in
+    defaults = {name: getattr(levers, name) for name in
                 ("FEATURES_MAX_MICRO_BATCH", "FEATURES_GRADIENT_CHECKPOINTING", "FEATURES_GROUP_BY_LENGTH",
                  "FEATURES_COMPILE", "FEATURES_FUSED_LORA", "FEATURES_RECOMPUTE_IN_COMPILED",
                  "FEATURES_PAD_TO_MULTIPLE", "FEATURES_PACK_SEQUENCES")}
@@ -628,7 +628,7 @@ def child_levers(spec: dict) -> dict:
             out[label] = {"skipped": "not enough time left in this run"}
             continue
         for name, value in {**defaults, **overrides}.items():
-            setattr(job, name, value)
+            setattr(levers, name, value)
         try:
             out[label] = _run_train_job(spec, "lever", spec["features_dir"], "auto", spec["steps_lever"])
         except Exception as error:  # one failed variant (e.g. out of memory) must not lose the others
@@ -638,7 +638,7 @@ def child_levers(spec: dict) -> dict:
 
 
 # Variants of (c) that each need a process of their own (compiler settings apply to a whole process's
-# compiled layers): name -> modal_jobs.train attributes.
+# compiled layers): name -> modal_jobs.train.levers attributes.
 VARIANTS = {
     # Inductor's C++ wrapper launches each compiled layer's kernels from C++, not Python (H100, 2026-11-26: 58.4
     # samples/s against 60.3 for (c) on the same machine; not kept).
@@ -651,10 +651,10 @@ VARIANTS = {
 
 def _child_variant(name: str):
     def run(spec: dict) -> dict:
-        import modal_jobs.train as job
+        from modal_jobs.train import levers
 
         for attribute, value in VARIANTS[name].items():
-            setattr(job, attribute, value)
+            setattr(levers, attribute, value)
         return {"overrides": VARIANTS[name],
                 **_run_train_job(spec, name, spec["features_dir"], "auto", spec["steps_variant"])}
 

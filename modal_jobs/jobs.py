@@ -19,7 +19,7 @@ JOBS: dict[str, tuple[str, str, type[BaseModel], type[BaseModel]]] = {
         "modal_jobs.dataset", "prepare_dataset", schemas.PrepareDatasetRequest, schemas.PrepareDatasetResult
     ),
     "prepare_model": ("modal_jobs.model", "prepare_model", schemas.PrepareModelRequest, schemas.PrepareModelResult),
-    "train": ("modal_jobs.train", "train", schemas.TrainRequest, schemas.TrainResult),
+    "train": ("modal_jobs.train.job", "train", schemas.TrainRequest, schemas.TrainResult),
     "encode_images": ("modal_jobs.encode", "encode_images", encode.EncodeRequest, encode.EncodeResult),
     "export": ("modal_jobs.export", "export", schemas.ExportRequest, schemas.ExportResult),
     "serve": ("modal_jobs.serve", "serve", schemas.ServeRequest, schemas.ServeResult),

@@ -464,7 +464,7 @@ def test_cached_and_pixel_paths_learn_the_same_adapter(vlmpipe_home, tiny_model_
     from modal_jobs.train import train
 
     # Batch for batch: the cached path's length-grouped sampler would put other rows together than the pixel path's.
-    monkeypatch.setattr("modal_jobs.train.FEATURES_GROUP_BY_LENGTH", False)
+    monkeypatch.setattr("modal_jobs.train.levers.FEATURES_GROUP_BY_LENGTH", False)
 
     by_pixels = train(_train_request(tiny_model_dir, tiny_dataset_dir, output_dir="runs/pixels"))
     by_features = train(_train_request(tiny_model_dir, tiny_dataset_dir, encoded.features_dir, "runs/features"))

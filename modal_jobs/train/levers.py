@@ -1,0 +1,186 @@
+"""Speed levers of the cached-features path: settings, and what applies them to a model.
+
+Measured by bench/train_speed.py and bench/step_breakdown.py; numbers in BENCHMARKS.md. The settings are read
+when a trainer is built (modal_jobs.train.setup), so a benchmark turns a lever by setting it here, on this
+module (`modal_jobs.train.levers.FEATURES_COMPILE = False`), not on the package that re-exports it.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from modal_jobs.train.loss import _head_and_backbone
+
+# Without the vision tower, a step of a 4B model is short enough that Python and kernel-launch overhead and
+# unfused element-wise kernels (norms, casts, LoRA scaling) took most of it on an H100 (bench/step_breakdown.py).
+# Fusing gradient accumulation into a larger micro-batch keeps the optimizer's batch (and, with the loss
+# normalised by the accumulated label count, the update) the same while each step does more work.
+FEATURES_MAX_MICRO_BATCH = 16
+# Recompute activations in the backward pass: True, False, or "selective" (`selective_checkpoint_kwargs`: keep
+# the outputs of the narrow matmuls and of attention, recompute the MLP's wide gate/up and the element-wise work).
+# Measured in bench/step_breakdown.py's loop (fused LoRA, padded to 64, 16 a micro-batch, compiled, H100):
+# selective inside the compiled layers 51.6 samples/s at 18.1 GiB, full recomputation inside 42.4 at 12.3,
+# around them 39.6 at 12.3; none at all kept ~3 GiB a sample (16 x 1 peaked at 53 GiB under the trainer).
+FEATURES_GRADIENT_CHECKPOINTING: bool | str = "selective"
+# torch.compile each decoder layer (CUDA only; dynamic shapes): fuses element-wise work and cuts launches.
+# Compiling costs ~1-2 minutes once per process; a couple of early batches recompile (duck-sized mask shapes).
+FEATURES_COMPILE = True
+# Inductor options for the compiled layers (torch.compile's `options`; empty: its defaults).
+FEATURES_COMPILE_OPTIONS: dict[str, Any] = {}
+# Where compiled, recompute inside each compiled layer (the compiler sees both passes, the selective policy sees
+# the matmuls) rather than around it with transformers' checkpointing.
+FEATURES_RECOMPUTE_IN_COMPILED = True
+# Batches of similar length pad less (length-sorted: 48.6 vs 42.4 samples/s in the loop, full recomputation; packed
+# rows, below, have no padding to save), but
+# they change which samples share a batch and in what order (transformers' sampler sweeps each group from long to
+# short), and that changed what is learned: the embedded default's fine-tuned CER went from 0.837 to 0.904 and a
+# 100-step retrain no longer beat a 2-step one. Off; a lever for those who accept that.
+FEATURES_GROUP_BY_LENGTH = False
+# Processes collating batches (chat template, tokenizer, feature reads) while the GPU trains (CUDA only).
+FEATURES_LOADER_WORKERS = 2
+# LoRA layers computed as one matmul-with-add (`fuse_lora_forwards`) instead of PEFT's cast-to-float32, two
+# matmuls, scale and add: the same arithmetic under autocast, without the element-wise passes over activations.
+FEATURES_FUSED_LORA = True
+# Where compiled, pad each batch's length (packed: its one row's) up to a multiple of this (None: not at all).
+# Fewer distinct shapes for the compiled layers to specialise on; the padding is masked and unlabelled, so the
+# loss is unchanged.
+FEATURES_PAD_TO_MULTIPLE: int | None = 64
+# Where compiled, a batch's rows go end to end in one row of their real tokens (`FeatureCollator(pack=True)`)
+# instead of each padded to the batch's longest: with LaTeX_OCR-like lengths about a fifth of a padded batch of 16
+# was padding, which every matmul paid for. The same rows make up the same batch, each attending only to itself
+# (FlexAttention over a block mask built from the rows' positions, skipping the blocks between rows), so the loss
+# and gradients are those of the padded batch (tests/test_encode.py). Loop on an H200 (fwd+bwd, 16, selective,
+# compiled): padded to 64, 54.6 samples/s at 18.1 GiB; packed, 66.0 at 15.9 GiB.
+FEATURES_PACK_SEQUENCES = True
+
+
+def selective_checkpoint_kwargs(max_saved_width: int | None = None) -> dict[str, Any]:
+    """gradient_checkpointing_kwargs for selective recomputation: the backward keeps what the matmuls and the
+    attention kernels produced and recomputes only the cheap element-wise work between them (norms, activations,
+    casts, rotary embeddings). For a Gemma 3 4B layer that keeps ~1/3 of the activations for ~2% more work,
+    where full recomputation costs a whole extra forward. `max_saved_width`: recompute matmul outputs wider than
+    this too (the MLP's gate and up projections: most of the memory, under half of the matmul work)."""
+    import functools
+
+    import torch
+    from torch.utils.checkpoint import (
+        CheckpointPolicy,
+        create_selective_checkpoint_contexts,
+    )
+
+    aten = torch.ops.aten
+    keep = {aten.mm.default, aten.addmm.default, aten.bmm.default}
+    if hasattr(torch.ops.higher_order, "flex_attention"):  # packed batches' attention
+        keep.add(torch.ops.higher_order.flex_attention)
+    for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                 "_scaled_dot_product_cudnn_attention", "_flash_attention_forward", "_efficient_attention_forward"):
+        if hasattr(aten, name):
+            keep.add(getattr(aten, name).default)
+
+    matmuls = {aten.mm.default, aten.addmm.default}
+
+    def policy(ctx, op, *args, **kwargs):
+        if op not in keep:
+            return CheckpointPolicy.PREFER_RECOMPUTE
+        if max_saved_width is not None and op in matmuls and args[-1].shape[-1] > max_saved_width:
+            return CheckpointPolicy.PREFER_RECOMPUTE  # a wide output (the MLP's gate/up): cheaper to recompute
+        return CheckpointPolicy.MUST_SAVE
+
+    return {"use_reentrant": False,
+            "context_fn": functools.partial(create_selective_checkpoint_contexts, policy)}
+
+
+def _fused_lora_forward(self, x, *args, **kwargs):
+    """A PEFT LoRA Linear's forward as base(x) + scaling * (x A^T) B^T, the add done by the second matmul (addmm),
+    in the base layer's output dtype: what PEFT computes under autocast, without its float32 copy of the input
+    and the separate scale and add passes. Anything but one plain active adapter takes PEFT's own forward."""
+    import torch
+    import torch.nn.functional as F
+
+    active = self.active_adapters
+    if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None or len(active) != 1:
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x, *args, **kwargs)
+    name = active[0]
+    if name not in self.lora_A:
+        return result
+    dtype = result.dtype
+    low_rank = F.linear(x.to(dtype), self.lora_A[name].weight.to(dtype))
+    fused = torch.addmm(result.reshape(-1, result.shape[-1]), low_rank.reshape(-1, low_rank.shape[-1]),
+                        self.lora_B[name].weight.to(dtype).t(), alpha=self.scaling[name])
+    return fused.view(result.shape)
+
+
+def fuse_lora_forwards(model: Any) -> int:
+    """Give every plain LoRA Linear of `model` (one adapter, no dropout, no DoRA or other variant, no bias on
+    lora_B, an nn.Linear base) `_fused_lora_forward`; returns how many. Others keep PEFT's forward."""
+    import types
+
+    import torch
+    from peft.tuners.lora import Linear as LoraLinear
+
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLinear) or not isinstance(module.base_layer, torch.nn.Linear):
+            continue
+        names = list(module.lora_A.keys())
+        if len(names) != 1 or getattr(module, "lora_variant", {}).get(names[0]) is not None:
+            continue
+        if not isinstance(module.lora_dropout[names[0]], torch.nn.Identity) or module.lora_B[names[0]].bias is not None:
+            continue
+        module.forward = types.MethodType(_fused_lora_forward, module)
+        count += 1
+    return count
+
+
+def _recomputed(forward: Any, checkpoint_kwargs: dict[str, Any]) -> Any:
+    def call(*args, **kwargs):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(forward, *args, **checkpoint_kwargs, **kwargs)
+
+    return call
+
+
+def _compile_layers(model: Any, recompute: bool | str = False, backend: str = "inductor") -> bool:
+    """torch.compile each decoder layer of the language model in place (one graph per layer kind, shared by the
+    layers, shapes dynamic). With `recompute` (True, or "selective" for `selective_checkpoint_kwargs`' policy) the
+    layer's activations are recomputed in the backward pass by a checkpoint *inside* the compiled region, where the
+    compiler sees both passes and the policy sees its matmuls (around a compiled layer, it sees one opaque call).
+    False, with the reason on stderr, where the model has no such layer list."""
+    import torch
+
+    backbone, _ = _head_and_backbone(model)
+    layers = getattr(getattr(backbone, "language_model", backbone), "layers", None)
+    if layers is None:
+        print(f"not compiling: {type(backbone).__name__} has no language_model.layers", file=sys.stderr)
+        return False
+    dynamo = torch._dynamo.config
+    limit_name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo, limit_name, max(getattr(dynamo, limit_name), 64))  # a guard per layer must not fall back
+    # A machine that cannot compile (no C compiler for Triton's launchers, say) trains eagerly, with a warning,
+    # rather than failing at its first step.
+    dynamo.suppress_errors = True
+    # Selective: keep matmul outputs no wider than the hidden size (attention projections, down projection);
+    # recompute the MLP's wide gate/up outputs, which hold most of the memory for under half of the matmul work.
+    hidden_size = getattr(model.config.get_text_config(), "hidden_size", None)
+    checkpoint_kwargs = (selective_checkpoint_kwargs(max_saved_width=hidden_size) if recompute == "selective"
+                         else {"use_reentrant": False})
+    for layer in layers:
+        if recompute:
+            layer.forward = _recomputed(layer.forward, checkpoint_kwargs)
+        layer.compile(dynamic=True, backend=backend,
+                      options=dict(FEATURES_COMPILE_OPTIONS) if backend == "inductor" and FEATURES_COMPILE_OPTIONS
+                      else None)
+    return True
+
+
+def _switch_to_flex_attention(model: Any) -> bool:
+    try:
+        model.set_attn_implementation("flex_attention")
+    except (ValueError, ImportError, AttributeError) as error:
+        print(f"batches padded, not packed: no FlexAttention for this model ({error})", file=sys.stderr)
+        return False
+    return True
+
