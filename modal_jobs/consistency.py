@@ -55,6 +55,8 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
@@ -174,7 +176,65 @@ def server_prompt(processor: Any, image: Any, instruction: str) -> dict[str, Any
     return dict(inputs)
 
 
-# --- checks --------------------------------------------------------------------------------------------
+# --- what the checks share -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """One consistency run: the request, its folders and test rows, the report being written, and what each check
+    leaves for the next (the processors, both sides' prompts, the merged model), so nothing is loaded twice."""
+
+    request: ConsistencyRequest
+    model_dir: Path
+    adapter_dir: Path
+    merged_dir: Path
+    images: list[Any]
+    base_config: dict[str, Any]
+    merged_config: dict[str, Any]
+    samples: list[dict[str, Any]]
+    report: dict[str, Any]
+    started: float
+    clock: float
+    train_processor: Any = None
+    served_processor: Any = None
+    train_inputs: list[dict[str, Any]] = field(default_factory=list)
+    served_inputs: list[dict[str, Any]] = field(default_factory=list)
+    device: Any = None
+    merged: Any = None
+    unreachable: list[str] = field(default_factory=list)
+    stopped: bool = False  # a check left the ones after it nothing to compare
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.report["timing_s"][name] = round(now - self.clock, 3)
+        self.clock = now
+
+
+def _open_inputs(request: ConsistencyRequest) -> _Run:
+    """The folders (checked for what makes them a model and an adapter), the first test rows and both configs."""
+    started = time.perf_counter()
+    model_dir, adapter_dir = resolve(request.model_dir), resolve(request.adapter_dir)
+    merged_dir = resolve(request.merged_dir)
+    for folder, what in ((model_dir, "base model"), (merged_dir, "merged model")):
+        if not (folder / "config.json").is_file():
+            raise InputError(f"{what} folder {folder} has no config.json")
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise InputError(f"{adapter_dir} is not a LoRA adapter folder (no adapter_config.json)")
+    from modal_jobs.dataset import open_prepared
+
+    splits = open_prepared(request.dataset_dir)
+    if request.split not in splits:
+        raise InputError(f"split {request.split!r} is not in {request.dataset_dir}")
+    rows = splits[request.split].select(range(min(request.num_images, len(splits[request.split]))))
+    samples: list[dict[str, Any]] = [{"index": i, "reference": ref} for i, ref in enumerate(rows["text"])]
+    run = _Run(
+        request=request, model_dir=model_dir, adapter_dir=adapter_dir, merged_dir=merged_dir,
+        images=list(rows["image"]), base_config=_read_config(model_dir), merged_config=_read_config(merged_dir),
+        samples=samples, report={"request": request.model_dump(mode="json"), "samples": samples, "timing_s": {}},
+        started=started, clock=started,
+    )
+    run.lap("inputs")
+    return run
 
 
 def _read_config(folder: Any) -> dict[str, Any]:
@@ -184,7 +244,11 @@ def _read_config(folder: Any) -> dict[str, Any]:
         raise InputError(f"{folder} has no readable config.json ({error}): is it a model folder?") from error
 
 
-def _files_check(adapter_dir: Any, model_dir: Any, merged_dir: Any) -> Check:
+# --- the checks, in the order they run -------------------------------------------------------------------
+
+
+def _files_check(run: _Run) -> Check:
+    adapter_dir, model_dir, merged_dir = run.adapter_dir, run.model_dir, run.merged_dir
     expected = {name for name in PROCESSOR_FILES if (adapter_dir / name).exists()}
     if not expected:  # an adapter saved without its processor: the base model's files are the reference
         expected = {name for name in PROCESSOR_FILES if (model_dir / name).exists()}
@@ -199,9 +263,10 @@ def _files_check(adapter_dir: Any, model_dir: Any, merged_dir: Any) -> Check:
     return Check(name="files", passed=True, detail=f"{len(expected)} processor/generation files and weights present")
 
 
-def _architecture_check(base_config: dict[str, Any], merged_config: dict[str, Any]) -> Check:
+def _architecture_check(run: _Run) -> Check:
     import transformers
 
+    base_config, merged_config = run.base_config, run.merged_config
     base_arch, merged_arch = base_config.get("architectures"), merged_config.get("architectures")
     problems = []
     if merged_arch != base_arch:
@@ -216,6 +281,252 @@ def _architecture_check(base_config: dict[str, Any], merged_config: dict[str, An
     if problems:
         return Check(name="architecture", passed=False, detail="; ".join(problems))
     return Check(name="architecture", passed=True, detail=f"{merged_arch}, model_type {merged_config.get('model_type')}")
+
+
+def _processor_check(run: _Run) -> Check:
+    """Loads the processor training used (kept for the prompt check) and the merged folder's, which must load
+    with an image processor and a chat template."""
+    from transformers import AutoProcessor
+
+    processor_source = run.adapter_dir if (run.adapter_dir / "tokenizer_config.json").exists() else run.model_dir
+    run.train_processor = AutoProcessor.from_pretrained(processor_source)
+    try:
+        served_processor = AutoProcessor.from_pretrained(run.merged_dir)
+        problems = [what for what, ok in (
+            ("has no image processor", hasattr(served_processor, "image_processor")),
+            ("has no chat template", bool(getattr(served_processor, "chat_template", None))),
+        ) if not ok]
+    except Exception as error:  # a missing or broken processor file: this is what the check is for
+        served_processor, problems = None, [f"does not load ({type(error).__name__}: {str(error)[:300]})"]
+    if problems:
+        return Check(name="processor", passed=False, detail=f"the merged folder's processor {', '.join(problems)}")
+    run.served_processor = served_processor
+    run.lap("processors")
+    return Check(name="processor", passed=True, detail=f"{type(served_processor).__name__} with chat template")
+
+
+def _prompt_check(run: _Run) -> Check:
+    """Builds each image's prompt both ways (kept for the model checks) and compares them."""
+    if run.served_processor is None:
+        run.stopped = True
+        return Check(name="prompt", passed=False, detail="not compared: the served processor is unusable")
+    problems = []
+    for sample, image in zip(run.samples, run.images):
+        trained = training_prompt(run.train_processor, image, sample["reference"], run.request.instruction)
+        served = server_prompt(run.served_processor, image, run.request.instruction)
+        problem = _prompt_problem(run, sample, trained, served)
+        if problem is not None:
+            problems.append(problem)
+        run.train_inputs.append(trained)
+        run.served_inputs.append(served)
+    samples = run.samples
+    check = Check(
+        name="prompt", passed=not problems,
+        detail="; ".join(problems) if problems else
+        f"{len(samples)} prompts equal token for token ({samples[0]['server_prompt_tokens']} tokens, "
+        f"{samples[0].get('image_tokens', {}).get('server')} image placeholders) with equal pixel values",
+    )
+    run.lap("prompt")
+    return check
+
+
+def _prompt_problem(run: _Run, sample: dict[str, Any], trained: dict[str, Any], served: dict[str, Any]) -> str | None:
+    """What differs between one image's training and server prompts (None: nothing); records both in `sample`."""
+    image_token_id = run.merged_config.get("image_token_id", run.merged_config.get("image_token_index"))
+    per_image = run.merged_config.get("mm_tokens_per_image")
+    train_ids, served_ids = trained["input_ids"][0].tolist(), served["input_ids"][0].tolist()
+    sample.update(train_prompt_tokens=len(train_ids), server_prompt_tokens=len(served_ids))
+    if image_token_id is not None:
+        sample["image_tokens"] = {"train": train_ids.count(image_token_id), "server": served_ids.count(image_token_id)}
+    if train_ids != served_ids:
+        first = next((i for i, (a, b) in enumerate(zip(train_ids, served_ids)) if a != b),
+                     min(len(train_ids), len(served_ids)))
+        sample["prompt_diff"] = {
+            "first_difference_at": first,
+            "train": run.train_processor.decode(train_ids[max(0, first - 8): first + 24]),
+            "server": run.served_processor.decode(served_ids[max(0, first - 8): first + 24]),
+        }
+        return (f"image {sample['index']}: token ids differ from position {first} "
+                f"({len(train_ids)} trained vs {len(served_ids)} served)")
+    if per_image is not None and image_token_id is not None and served_ids.count(image_token_id) != per_image:
+        return f"image {sample['index']}: {served_ids.count(image_token_id)} image placeholders, the model expects {per_image}"
+    if not _same_tensor(trained.get("pixel_values"), served.get("pixel_values")):
+        return f"image {sample['index']}: pixel values differ (image preprocessing changed)"
+    return None
+
+
+def _merged_check(run: _Run) -> Check:
+    """The merged model against the adapter model, teacher-forced on the adapter's greedy answers; the merged
+    model stays loaded for the endpoint check."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    run.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    reference = run.request.reference_dtype
+    if reference == "auto":
+        reference = "bfloat16" if run.device.type == "cuda" else "float32"
+    adapter_outputs = _adapter_outputs(run, getattr(torch, reference))
+    try:
+        # "auto": the dtype it was saved in, which is the dtype a server loads it in.
+        merged = AutoModelForImageTextToText.from_pretrained(run.merged_dir, dtype="auto", use_safetensors=True)
+    except Exception as error:  # missing or unreadable weights: the files check says which
+        run.stopped = True
+        return Check(name="merged", passed=False, detail=f"does not load: {type(error).__name__}: {error}"[:500])
+    run.merged = merged.to(run.device).eval()
+    run.lap("load_merged")
+    run.report["merged"] = _compare_merged(run, adapter_outputs, reference)
+    check = _merged_verdict(run.request, run.report["merged"])
+    run.lap("merged")
+    return check
+
+
+def _adapter_outputs(run: _Run, dtype: Any) -> list[tuple[Any, Any, Any, Any]]:
+    """Per image, on the CPU: the adapter model's greedy answer and its teacher-forced logits, and the base
+    model's (the adapter disabled) logits on that answer and its own greedy answer.
+
+    The adapter model is freed before this returns, as the merged model loads next: one 16-bit model on the
+    device at a time (BENCHMARKS.md: Gemma 3 4B's check peaked at 8.7 GiB, against 36.2 GiB with two held)."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    base = AutoModelForImageTextToText.from_pretrained(run.model_dir, dtype=dtype, use_safetensors=True)
+    adapter_model = PeftModel.from_pretrained(base, run.adapter_dir).to(run.device).eval()
+    run.lap("load_adapter_model")
+    outputs = []
+    for trained in run.train_inputs:
+        inputs = _to(trained, run.device, dtype)
+        answer = _generate(adapter_model, inputs, run.request.max_new_tokens)
+        adapter_logits = _teacher_forced(adapter_model, inputs, answer)
+        with adapter_model.disable_adapter():
+            base_logits = _teacher_forced(adapter_model, inputs, answer)
+            base_answer = _generate(adapter_model, inputs, run.request.max_new_tokens)
+        outputs.append((answer.cpu(), adapter_logits.cpu(), base_logits.cpu(), base_answer.cpu()))
+    del adapter_model, base
+    _free_memory(run.device)
+    run.lap("adapter_model")
+    return outputs
+
+
+def _compare_merged(run: _Run, adapter_outputs: list[tuple[Any, Any, Any, Any]], reference_dtype: str) -> dict[str, Any]:
+    """Top-1 agreement and relative logit error of the merged model (and of the base model) against the adapter
+    model (run in `reference_dtype`), over every answer position; each sample gets its three answers and its own
+    numbers."""
+    merged, device, decode = run.merged, run.device, run.served_processor.decode
+    agree = total = 0
+    errors, base_errors, base_agree = [], [], 0
+    for sample, trained, served, (answer, adapter_logits, base_logits, base_answer) in zip(
+        run.samples, run.train_inputs, run.served_inputs, adapter_outputs
+    ):
+        # The adapter saw the training prompt; the merged model generates from the served prompt (as the
+        # server does) but is scored on the training prompt, so this check isolates the weights.
+        merged_answer = _generate(merged, _to(served, device, merged.dtype), run.request.max_new_tokens).cpu()
+        merged_logits = _teacher_forced(merged, _to(trained, device, merged.dtype), answer.to(device)).cpu()
+        hits = int((merged_logits.argmax(-1) == answer).sum())
+        agree, total = agree + hits, total + len(answer)
+        base_agree += int((base_logits.argmax(-1) == answer).sum())
+        errors.append(_relative_error(merged_logits, adapter_logits))
+        base_errors.append(_relative_error(base_logits, adapter_logits))
+        sample.update(
+            adapter_text=decode(answer, skip_special_tokens=True),
+            merged_text=decode(merged_answer, skip_special_tokens=True),
+            base_text=decode(base_answer, skip_special_tokens=True),
+            adapter_tokens=answer.tolist(), merged_tokens=merged_answer.tolist(), base_tokens=base_answer.tolist(),
+            merged_agreement=round(hits / max(len(answer), 1), 4), merged_logit_error=round(errors[-1], 5),
+            base_logit_error=round(base_errors[-1], 5),
+        )
+    return {"agreement": agree / max(total, 1), "logit_error": sum(errors) / len(errors),
+            "base_agreement": base_agree / max(total, 1), "base_logit_error": sum(base_errors) / len(base_errors),
+            "dtype": str(merged.dtype), "reference_dtype": reference_dtype, "positions": total}
+
+
+def _merged_verdict(request: ConsistencyRequest, measured: dict[str, Any]) -> Check:
+    agreement, logit_error, base_error = measured["agreement"], measured["logit_error"], measured["base_logit_error"]
+    problems = []
+    if agreement < request.min_agreement:
+        problems.append(f"top-1 agreement {agreement:.3f} < {request.min_agreement}")
+    if logit_error > request.max_logit_error:
+        problems.append(f"relative logit error {logit_error:.3f} > {request.max_logit_error}")
+    note = (f"agreement {agreement:.3f} over {measured['positions']} positions, logit error {logit_error:.4f} "
+            f"({measured['dtype']} against a {measured['reference_dtype']} adapter model); "
+            f"base model without the adapter: agreement {measured['base_agreement']:.3f}, error {base_error:.3f}")
+    if base_error <= request.max_logit_error:
+        note += " (the adapter barely changes the model, so a merge that lost it would pass too)"
+    return Check(name="merged", passed=not problems, detail=("; ".join(problems) + ": " if problems else "") + note)
+
+
+def _endpoint_check(run: _Run) -> Check | None:
+    """The endpoint's answers against the merged model's (None without an endpoint). Requests that failed
+    outright are kept in run.unreachable: they say nothing about the model."""
+    if not run.request.base_url:
+        return None
+    answers = _ask_endpoint(run.request, run.images)
+    problems, equal = [], 0
+    tokenizer = getattr(run.served_processor, "tokenizer", run.served_processor)
+    eos = run.merged.generation_config.eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
+    for sample, served, answer in zip(run.samples, run.served_inputs, answers):
+        sample.update(endpoint_text=answer["text"], endpoint_error=answer["error"],
+                      endpoint_prompt_tokens=answer["prompt_tokens"])
+        if answer["error"] is not None:
+            run.unreachable.append(f"image {sample['index']}: {answer['error'][:200]}")
+            continue
+        if answer["prompt_tokens"] is not None and answer["prompt_tokens"] != sample["server_prompt_tokens"]:
+            problems.append(f"image {sample['index']}: the endpoint counted {answer['prompt_tokens']} "
+                            f"prompt tokens, the served processor builds {sample['server_prompt_tokens']}")
+        if answer["text"] == sample["merged_text"]:
+            equal += 1
+            continue
+        problem = _beyond_near_tie(run, sample, served, answer["text"], tokenizer, eos_ids)
+        if problem is not None:
+            problems.append(problem)
+    check = Check(
+        name="endpoint", passed=not problems,
+        detail="; ".join(problems) if problems else
+        f"{equal} of {len(answers)} answers equal to the merged model's, the rest its greedy choices up to "
+        "near-ties; prompt token counts match",
+    )
+    run.lap("endpoint")
+    return check
+
+
+def _beyond_near_tie(run: _Run, sample: dict[str, Any], served: dict[str, Any], text: str, tokenizer: Any,
+                     eos_ids: list[int]) -> str | None:
+    """An endpoint answer unequal to the merged model's is acceptable only if every token the endpoint chose is a
+    greedy choice of the merged model up to a near-tie (another server's kernels round differently), including
+    the first one that differs: None if so, else the problem. Records the agreement in `sample`."""
+    import torch
+
+    request = run.request
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    local = tokenizer(sample["merged_text"], add_special_tokens=False)["input_ids"]
+    first = next((i for i, (a, b) in enumerate(zip(ids, local)) if a != b), min(len(ids), len(local)))
+    chosen = [[token] for token in ids]
+    if len(ids) < request.max_new_tokens:
+        chosen.append(eos_ids)  # the endpoint stopped here
+    logits = _teacher_forced(run.merged, _to(served, run.device, run.merged.dtype), torch.tensor(ids, dtype=torch.long),
+                             with_next=True)
+    gaps = _choice_gaps(logits[: len(chosen)], chosen)
+    near = [gap <= request.tie_tolerance for gap in gaps]
+    rate = sum(near) / len(near)
+    sample.update(endpoint_agreement=round(rate, 4), endpoint_first_difference=first,
+                  endpoint_gap_at_first_difference=round(gaps[first], 4) if first < len(gaps) else None)
+    if rate < request.min_agreement or (first < len(near) and not near[first]):
+        return (f"image {sample['index']}: endpoint wrote {text[:60]!r}, the merged model "
+                f"{sample['merged_text'][:60]!r}; from token {first} on they differ by more than a near-tie "
+                f"({rate:.2f} of the endpoint's tokens are greedy choices of the merged model)")
+    return None
+
+
+def _endpoint_reachable_check(run: _Run) -> Check | None:
+    """A failed verdict listing the requests that failed outright; None when all were answered (or none sent)."""
+    if not run.unreachable:
+        return None
+    return Check(name="endpoint reachable", passed=False, detail="; ".join(run.unreachable))
+
+
+# --- model and endpoint helpers --------------------------------------------------------------------------
 
 
 def _same_tensor(a: Any, b: Any) -> bool:
@@ -313,238 +624,47 @@ def _ask_endpoint(request: ConsistencyRequest, images: list[Any]) -> list[dict[s
     return answers
 
 
+# --- the job -------------------------------------------------------------------------------------------
+
+
 def consistency(request: ConsistencyRequest) -> ConsistencyResult:
     """Run every check; write the report JSON at request.output_path. Raises InputError only for missing
     inputs (no dataset, no adapter); a mismatch is a failed check in the result, not an exception."""
-    started = time.perf_counter()
-    model_dir, adapter_dir = resolve(request.model_dir), resolve(request.adapter_dir)
-    merged_dir = resolve(request.merged_dir)
-    for folder, what in ((model_dir, "base model"), (merged_dir, "merged model")):
-        if not (folder / "config.json").is_file():
-            raise InputError(f"{what} folder {folder} has no config.json")
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise InputError(f"{adapter_dir} is not a LoRA adapter folder (no adapter_config.json)")
-    from modal_jobs.dataset import open_prepared
+    run = _open_inputs(request)
+    # In the order they run: each uses what the ones before it loaded, and the models load one at a time (the
+    # adapter model, freed, then the merged one). A local tuple, not a module constant: a name listed at module
+    # level counts as imported with the module in tests/test_modal_images.py's static view, and every importer of
+    # this module's request type would then seem to need peft and openai.
+    checks_in_order = (_files_check, _architecture_check, _processor_check, _prompt_check, _merged_check,
+                       _endpoint_check, _endpoint_reachable_check)
+    checks: list[Check] = []
+    for check in checks_in_order:
+        verdict = check(run)
+        if verdict is not None:
+            checks.append(verdict)
+        if run.stopped:
+            break
+    if run.merged is not None:
+        run.merged = None
+        _free_memory(run.device)
+    result = _write_report(run, checks)
+    if run.unreachable:
+        # A dead or flaky endpoint says nothing about the model: fail this attempt (retried, never cached as a
+        # verdict) with the report written for the record.
+        raise RuntimeError(f"consistency: requests to {request.base_url} failed: {run.unreachable[0]}")
+    return result
 
-    splits = open_prepared(request.dataset_dir)
-    if request.split not in splits:
-        raise InputError(f"split {request.split!r} is not in {request.dataset_dir}")
-    rows = splits[request.split].select(range(min(request.num_images, len(splits[request.split]))))
-    images, references = list(rows["image"]), list(rows["text"])
 
-    base_config, merged_config = _read_config(model_dir), _read_config(merged_dir)
-    checks = [_files_check(adapter_dir, model_dir, merged_dir), _architecture_check(base_config, merged_config)]
-    samples: list[dict[str, Any]] = [{"index": i, "reference": ref} for i, ref in enumerate(references)]
-    timings: dict[str, float] = {}
-    report: dict[str, Any] = {"request": request.model_dump(mode="json"), "samples": samples, "timing_s": timings}
-    clock = [time.perf_counter()]
-
-    def lap(name: str) -> None:
-        now = time.perf_counter()
-        timings[name] = round(now - clock[0], 3)
-        clock[0] = now
-
-    lap("inputs")
-
-    def finish() -> ConsistencyResult:
-        result = ConsistencyResult(
-            passed=all(c.passed for c in checks), report_path=request.output_path, checks=checks,
-            runtime_s=round(time.perf_counter() - started, 2),
-        )
-        report["memory"] = _memory_report()
-        atomic_write_json(request.output_path, {**report, **result.model_dump(mode="json")})
-        print(f"consistency: {'passed' if result.passed else 'FAILED'} in {result.runtime_s} s: "
-              + "; ".join(f"{c.name} {'ok' if c.passed else 'FAILED: ' + c.detail}" for c in checks), file=sys.stderr)
-        return result
-
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    # --- prompt: training side vs server side
-    processor_source = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else model_dir
-    train_processor = AutoProcessor.from_pretrained(processor_source)
-    try:
-        served_processor = AutoProcessor.from_pretrained(merged_dir)
-        problems = [what for what, ok in (
-            ("has no image processor", hasattr(served_processor, "image_processor")),
-            ("has no chat template", bool(getattr(served_processor, "chat_template", None))),
-        ) if not ok]
-    except Exception as error:  # a missing or broken processor file: this is what the check is for
-        served_processor, problems = None, [f"does not load ({type(error).__name__}: {str(error)[:300]})"]
-    if problems:
-        checks.append(Check(name="processor", passed=False, detail=f"the merged folder's processor {', '.join(problems)}"))
-        checks.append(Check(name="prompt", passed=False, detail="not compared: the served processor is unusable"))
-        return finish()
-    checks.append(Check(name="processor", passed=True, detail=f"{type(served_processor).__name__} with chat template"))
-    lap("processors")
-
-    image_token_id = merged_config.get("image_token_id", merged_config.get("image_token_index"))
-    per_image = merged_config.get("mm_tokens_per_image")
-    train_inputs, served_inputs, prompt_problems = [], [], []
-    for sample, image, reference in zip(samples, images, references):
-        trained = training_prompt(train_processor, image, reference, request.instruction)
-        served = server_prompt(served_processor, image, request.instruction)
-        train_ids, served_ids = trained["input_ids"][0].tolist(), served["input_ids"][0].tolist()
-        sample.update(train_prompt_tokens=len(train_ids), server_prompt_tokens=len(served_ids))
-        if image_token_id is not None:
-            sample["image_tokens"] = {"train": train_ids.count(image_token_id), "server": served_ids.count(image_token_id)}
-        if train_ids != served_ids:
-            first = next((i for i, (a, b) in enumerate(zip(train_ids, served_ids)) if a != b),
-                         min(len(train_ids), len(served_ids)))
-            sample["prompt_diff"] = {
-                "first_difference_at": first,
-                "train": train_processor.decode(train_ids[max(0, first - 8): first + 24]),
-                "server": served_processor.decode(served_ids[max(0, first - 8): first + 24]),
-            }
-            prompt_problems.append(f"image {sample['index']}: token ids differ from position {first} "
-                                   f"({len(train_ids)} trained vs {len(served_ids)} served)")
-        elif per_image is not None and image_token_id is not None and served_ids.count(image_token_id) != per_image:
-            prompt_problems.append(f"image {sample['index']}: {served_ids.count(image_token_id)} image placeholders, "
-                                   f"the model expects {per_image}")
-        elif not _same_tensor(trained.get("pixel_values"), served.get("pixel_values")):
-            prompt_problems.append(f"image {sample['index']}: pixel values differ (image preprocessing changed)")
-        train_inputs.append(trained)
-        served_inputs.append(served)
-    checks.append(Check(
-        name="prompt", passed=not prompt_problems,
-        detail="; ".join(prompt_problems) if prompt_problems else
-        f"{len(samples)} prompts equal token for token ({samples[0]['server_prompt_tokens']} tokens, "
-        f"{samples[0].get('image_tokens', {}).get('server')} image placeholders) with equal pixel values",
-    ))
-
-    lap("prompt")
-
-    # --- merged vs adapter
-    from peft import PeftModel
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    reference = request.reference_dtype
-    if reference == "auto":
-        reference = "bfloat16" if device.type == "cuda" else "float32"
-    reference_dtype = getattr(torch, reference)
-    # One model on the device at a time: first the adapter model (its answers and logits, and the base model's
-    # with the adapter disabled, kept on the CPU), freed, then the merged one.
-    base = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=reference_dtype, use_safetensors=True)
-    adapter_model = PeftModel.from_pretrained(base, adapter_dir).to(device).eval()
-    lap("load_adapter_model")
-    references = []
-    for trained in train_inputs:
-        answer = _generate(adapter_model, _to(trained, device, reference_dtype), request.max_new_tokens)
-        adapter_logits = _teacher_forced(adapter_model, _to(trained, device, reference_dtype), answer)
-        with adapter_model.disable_adapter():
-            base_logits = _teacher_forced(adapter_model, _to(trained, device, reference_dtype), answer)
-            base_answer = _generate(adapter_model, _to(trained, device, reference_dtype), request.max_new_tokens)
-        references.append((answer.cpu(), adapter_logits.cpu(), base_logits.cpu(), base_answer.cpu()))
-    del adapter_model, base
-    _free_memory(device)
-    lap("adapter_model")
-    try:
-        # "auto": the dtype it was saved in, which is the dtype a server loads it in.
-        merged = AutoModelForImageTextToText.from_pretrained(merged_dir, dtype="auto", use_safetensors=True)
-    except Exception as error:  # missing or unreadable weights: the files check says which
-        checks.append(Check(name="merged", passed=False, detail=f"does not load: {type(error).__name__}: {error}"[:500]))
-        return finish()
-    merged = merged.to(device).eval()
-    lap("load_merged")
-    agree = total = 0
-    errors, base_errors, base_agree = [], [], 0
-    for sample, trained, served, (answer, adapter_logits, base_logits, base_answer) in zip(
-        samples, train_inputs, served_inputs, references
-    ):
-        # The adapter saw the training prompt; the merged model generates from the served prompt (as the
-        # server does) but is scored on the training prompt, so this check isolates the weights.
-        merged_answer = _generate(merged, _to(served, device, merged.dtype), request.max_new_tokens).cpu()
-        merged_logits = _teacher_forced(merged, _to(trained, device, merged.dtype), answer.to(device)).cpu()
-        hits = int((merged_logits.argmax(-1) == answer).sum())
-        agree, total = agree + hits, total + len(answer)
-        base_agree += int((base_logits.argmax(-1) == answer).sum())
-        errors.append(_relative_error(merged_logits, adapter_logits))
-        base_errors.append(_relative_error(base_logits, adapter_logits))
-        sample.update(
-            adapter_text=served_processor.decode(answer, skip_special_tokens=True),
-            merged_text=served_processor.decode(merged_answer, skip_special_tokens=True),
-            base_text=served_processor.decode(base_answer, skip_special_tokens=True),
-            adapter_tokens=answer.tolist(), merged_tokens=merged_answer.tolist(), base_tokens=base_answer.tolist(),
-            merged_agreement=round(hits / max(len(answer), 1), 4), merged_logit_error=round(errors[-1], 5),
-            base_logit_error=round(base_errors[-1], 5),
-        )
-    agreement = agree / max(total, 1)
-    logit_error, base_error = sum(errors) / len(errors), sum(base_errors) / len(base_errors)
-    report["merged"] = {"agreement": agreement, "logit_error": logit_error, "base_agreement": base_agree / max(total, 1),
-                        "base_logit_error": base_error, "dtype": str(merged.dtype), "reference_dtype": reference,
-                        "positions": total}
-    merged_problems = []
-    if agreement < request.min_agreement:
-        merged_problems.append(f"top-1 agreement {agreement:.3f} < {request.min_agreement}")
-    if logit_error > request.max_logit_error:
-        merged_problems.append(f"relative logit error {logit_error:.3f} > {request.max_logit_error}")
-    note = (f"agreement {agreement:.3f} over {total} positions, logit error {logit_error:.4f} ({merged.dtype} "
-            f"against a {reference} adapter model); "
-            f"base model without the adapter: agreement {base_agree / max(total, 1):.3f}, error {base_error:.3f}")
-    if base_error <= request.max_logit_error:
-        note += " (the adapter barely changes the model, so a merge that lost it would pass too)"
-    checks.append(Check(name="merged", passed=not merged_problems,
-                        detail=("; ".join(merged_problems) + ": " if merged_problems else "") + note))
-    lap("merged")
-
-    # --- endpoint vs merged (local)
-    if request.base_url:
-        answers = _ask_endpoint(request, images)
-        endpoint_problems, unreachable, equal = [], [], 0
-        tokenizer = getattr(served_processor, "tokenizer", served_processor)
-        eos = merged.generation_config.eos_token_id
-        eos_ids = [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
-        for sample, served, answer in zip(samples, served_inputs, answers):
-            sample.update(endpoint_text=answer["text"], endpoint_error=answer["error"],
-                          endpoint_prompt_tokens=answer["prompt_tokens"])
-            if answer["error"] is not None:
-                unreachable.append(f"image {sample['index']}: {answer['error'][:200]}")
-                continue
-            if answer["prompt_tokens"] is not None and answer["prompt_tokens"] != sample["server_prompt_tokens"]:
-                endpoint_problems.append(f"image {sample['index']}: the endpoint counted {answer['prompt_tokens']} "
-                                         f"prompt tokens, the served processor builds {sample['server_prompt_tokens']}")
-            if answer["text"] == sample["merged_text"]:
-                equal += 1
-                continue
-            # Not equal: acceptable only if every token the endpoint chose is a greedy choice of the merged model
-            # up to a near-tie (another server's kernels round differently), including the first one that differs.
-            ids = tokenizer(answer["text"], add_special_tokens=False)["input_ids"]
-            local = tokenizer(sample["merged_text"], add_special_tokens=False)["input_ids"]
-            first = next((i for i, (a, b) in enumerate(zip(ids, local)) if a != b), min(len(ids), len(local)))
-            chosen = [[token] for token in ids]
-            if len(ids) < request.max_new_tokens:
-                chosen.append(eos_ids)  # the endpoint stopped here
-            logits = _teacher_forced(merged, _to(served, device, merged.dtype), torch.tensor(ids, dtype=torch.long),
-                                     with_next=True)
-            gaps = _choice_gaps(logits[: len(chosen)], chosen)
-            near = [gap <= request.tie_tolerance for gap in gaps]
-            rate = sum(near) / len(near)
-            sample.update(endpoint_agreement=round(rate, 4), endpoint_first_difference=first,
-                          endpoint_gap_at_first_difference=round(gaps[first], 4) if first < len(gaps) else None)
-            if rate < request.min_agreement or (first < len(near) and not near[first]):
-                endpoint_problems.append(
-                    f"image {sample['index']}: endpoint wrote {answer['text'][:60]!r}, the merged model "
-                    f"{sample['merged_text'][:60]!r}; from token {first} on they differ by more than a near-tie "
-                    f"({rate:.2f} of the endpoint's tokens are greedy choices of the merged model)"
-                )
-        checks.append(Check(
-            name="endpoint", passed=not endpoint_problems,
-            detail="; ".join(endpoint_problems) if endpoint_problems else
-            f"{equal} of {len(answers)} answers equal to the merged model's, the rest its greedy choices up to "
-            "near-ties; prompt token counts match",
-        ))
-        lap("endpoint")
-        if unreachable:
-            # A dead or flaky endpoint says nothing about the model: fail this attempt (retried, never cached as
-            # a verdict) with the report written for the record.
-            checks.append(Check(name="endpoint reachable", passed=False, detail="; ".join(unreachable)))
-            finish()
-            raise RuntimeError(f"consistency: requests to {request.base_url} failed: {unreachable[0]}")
-    del merged
-    _free_memory(device)
-    return finish()
+def _write_report(run: _Run, checks: list[Check]) -> ConsistencyResult:
+    result = ConsistencyResult(
+        passed=all(c.passed for c in checks), report_path=run.request.output_path, checks=checks,
+        runtime_s=round(time.perf_counter() - run.started, 2),
+    )
+    run.report["memory"] = _memory_report()
+    atomic_write_json(run.request.output_path, {**run.report, **result.model_dump(mode="json")})
+    print(f"consistency: {'passed' if result.passed else 'FAILED'} in {result.runtime_s} s: "
+          + "; ".join(f"{c.name} {'ok' if c.passed else 'FAILED: ' + c.detail}" for c in checks), file=sys.stderr)
+    return result
 
 
 def report_markdown(report: dict[str, Any]) -> str:
