@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import Field, PositiveInt
 
@@ -381,43 +381,83 @@ def encode_images(request: EncodeRequest) -> EncodeResult:
     import torch
     from transformers import AutoProcessor
 
-    from modal_jobs.dataset import open_prepared
-
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=request.model.trust_remote_code)
     dtype_name = compute_dtype(request.model)
     stage_key = cache_components(dataset_dir, model_dir, processor, request.split, dtype_name)
     features_dir = request.output_dir or f"{request.features_root}/{stage_key.key}"
-    manifest = read_manifest(features_dir)
-    if manifest is not None:
-        if check_cache(features_dir, stage_key.components):
-            raise InputError(
-                f"{features_dir} already holds features made from other inputs "
-                f"({', '.join(check_cache(features_dir, stage_key.components))}): choose another output_dir"
-            )
-        return EncodeResult.model_validate({**manifest["result"], "cached": True})
+    cached = _cached_result(features_dir, stage_key)
+    if cached is not None:
+        return cached
 
-    dataset = open_prepared(dataset_dir)
-    if request.split not in dataset:
-        raise InputError(f"prepared dataset {dataset_dir} has no split {request.split!r} (it has {list(dataset)})")
-    split = dataset[request.split].select_columns(["image"])
-    if len(split) == 0:
-        raise InputError(f"the {request.split} split is empty")
-
+    split = _image_split(dataset_dir, request.split)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, dtype_name)
     model, backbone = _load_image_path(model_dir, request, dtype, device)
     compiled = device.type == "cuda" and request.compile_tower and _compile_tower(backbone)
-    # The train job's forward runs under autocast on a GPU (Trainer's bf16/fp16 mixed precision), and the
-    # tower's layer norms then compute in float32: run it the same way, so the features are the same numbers.
-    autocast = (
-        torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32
-        else torch.autocast("cpu", enabled=False)
-    )
-
     rows = list(range(len(split)))
     batches = [rows[i : i + request.batch_size] for i in range(0, len(rows), request.batch_size)]
-    workers = _default_workers() if request.num_workers is None else request.num_workers
-    loader = torch.utils.data.DataLoader(
+    loader = _image_loader(split, processor, dtype, device, batches, request.num_workers)
+
+    manifest = {"stage": STAGE, "key": stage_key.key, "components": stage_key.components,
+                "request": request.model_dump(mode="json")}
+    with atomic_output(features_dir, manifest) as tmp:
+        encoded = _encode(loader, backbone, tmp, request, device, dtype, compiled)
+        index = {"split": request.split, "num_images": encoded.count, "mm_tokens": encoded.mm_tokens,
+                 "hidden_size": encoded.hidden_size, "dtype": dtype_name, "shard_size": request.shard_size,
+                 "shards": encoded.shards}
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        size_bytes = sum(f.stat().st_size for f in tmp.iterdir())
+        loop_s, first_batch_s = encoded.loop_s, encoded.first_batch_s
+        result = EncodeResult(
+            features_dir=features_dir, key=stage_key.key, components=stage_key.components, num_images=encoded.count,
+            mm_tokens=encoded.mm_tokens, hidden_size=encoded.hidden_size, dtype=dtype_name, size_bytes=size_bytes,
+            images_per_s=(round((encoded.count - len(batches[0])) / loop_s, 2)
+                          if len(batches) > 1 and loop_s > 0 else None),
+            first_batch_s=round(first_batch_s, 2) if first_batch_s is not None else None,
+            compiled_tower=bool(compiled),
+            runtime_s=round(time.time() - started, 2),
+        )
+        manifest["result"] = result.model_dump(mode="json")
+    print(f"encoded {encoded.count} images into {relative(resolve(features_dir))} "
+          f"({size_bytes / 1e9:.2f} GB, {result.images_per_s} images/s)", file=sys.stderr)
+    del model, backbone
+    return result
+
+
+def _cached_result(features_dir: str, stage_key: Any) -> EncodeResult | None:
+    """The result a finished cache for these inputs recorded; None when there is no finished output there."""
+    manifest = read_manifest(features_dir)
+    if manifest is None:
+        return None
+    changed = check_cache(features_dir, stage_key.components)
+    if changed:
+        raise InputError(
+            f"{features_dir} already holds features made from other inputs "
+            f"({', '.join(changed)}): choose another output_dir"
+        )
+    return EncodeResult.model_validate({**manifest["result"], "cached": True})
+
+
+def _image_split(dataset_dir: Path, split_name: str) -> Any:
+    """The split's `image` column alone (the other columns are never decoded)."""
+    from modal_jobs.dataset import open_prepared
+
+    dataset = open_prepared(dataset_dir)
+    if split_name not in dataset:
+        raise InputError(f"prepared dataset {dataset_dir} has no split {split_name!r} (it has {list(dataset)})")
+    split = dataset[split_name].select_columns(["image"])
+    if len(split) == 0:
+        raise InputError(f"the {split_name} split is empty")
+    return split
+
+
+def _image_loader(split: Any, processor: Any, dtype: Any, device: Any, batches: list[list[int]],
+                  num_workers: int | None) -> Any:
+    """Preprocessed batches in row order, from worker processes (one core each) while the tower runs."""
+    import torch
+
+    workers = _default_workers() if num_workers is None else num_workers
+    return torch.utils.data.DataLoader(
         _ImageBatches(split, processor.image_processor, dtype),
         sampler=batches,
         batch_size=None,
@@ -428,52 +468,58 @@ def encode_images(request: EncodeRequest) -> EncodeResult:
         persistent_workers=False,
     )
 
-    manifest = {"stage": STAGE, "key": stage_key.key, "components": stage_key.components,
-                "request": request.model_dump(mode="json")}
-    with atomic_output(features_dir, manifest) as tmp:
-        writer = _ShardWriter(tmp, request.shard_size)
-        mm_tokens = hidden = None
-        encoded = 0
-        loop_started = first_batch_s = None
-        first_started = time.time()
-        with torch.inference_mode(), autocast:
-            for batch_rows, pixel_values in loader:
-                if encoded and loop_started is None:
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    loop_started = time.time()  # from the end of the first batch (workers' start-up, compiling)
-                    first_batch_s = loop_started - first_started
-                pixel_values = pixel_values.to(device, non_blocking=True)
-                count = pixel_values.shape[0]
-                if compiled and count < request.batch_size:  # the last batch, padded: one shape to compile for
-                    padding = pixel_values.new_zeros((request.batch_size - count, *pixel_values.shape[1:]))
-                    pixel_values = torch.cat((pixel_values, padding))
-                features = _image_features(backbone, pixel_values)[:count]
-                features = features.to(dtype)  # what the forward does before masked_scatter (inputs_embeds' dtype)
-                mm_tokens, hidden = int(features.shape[1]), int(features.shape[2])
-                writer.add(batch_rows, features.to("cpu"))
-                encoded += len(batch_rows)
-        writer.close()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        loop_s = time.time() - loop_started if loop_started else 0.0
-        index = {"split": request.split, "num_images": encoded, "mm_tokens": mm_tokens, "hidden_size": hidden,
-                 "dtype": dtype_name, "shard_size": request.shard_size, "shards": writer.names}
-        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        size_bytes = sum(f.stat().st_size for f in tmp.iterdir())
-        result = EncodeResult(
-            features_dir=features_dir, key=stage_key.key, components=stage_key.components, num_images=encoded,
-            mm_tokens=mm_tokens, hidden_size=hidden, dtype=dtype_name, size_bytes=size_bytes,
-            images_per_s=round((encoded - len(batches[0])) / loop_s, 2) if len(batches) > 1 and loop_s > 0 else None,
-            first_batch_s=round(first_batch_s, 2) if first_batch_s is not None else None,
-            compiled_tower=bool(compiled),
-            runtime_s=round(time.time() - started, 2),
-        )
-        manifest["result"] = result.model_dump(mode="json")
-    print(f"encoded {encoded} images into {relative(resolve(features_dir))} "
-          f"({size_bytes / 1e9:.2f} GB, {result.images_per_s} images/s)", file=sys.stderr)
-    del model, backbone
-    return result
+
+class _Encoded(NamedTuple):
+    count: int
+    mm_tokens: int | None
+    hidden_size: int | None
+    shards: list[str]
+    first_batch_s: float | None  # the first batch: workers' start-up, compiling, forward
+    loop_s: float  # every batch after the first
+
+
+def _encode(loader: Any, backbone: Any, folder: Path, request: EncodeRequest, device: Any, dtype: Any,
+            compiled: Any) -> _Encoded:
+    """Every batch through the tower and projector, the features written into shards in `folder` as they come."""
+    import torch
+
+    writer = _ShardWriter(folder, request.shard_size)
+    mm_tokens = hidden = None
+    encoded = 0
+    loop_started = first_batch_s = None
+    first_started = time.time()
+    with torch.inference_mode(), _autocast(device, dtype):
+        for batch_rows, pixel_values in loader:
+            if encoded and loop_started is None:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                loop_started = time.time()  # from the end of the first batch (workers' start-up, compiling)
+                first_batch_s = loop_started - first_started
+            pixel_values = pixel_values.to(device, non_blocking=True)
+            count = pixel_values.shape[0]
+            if compiled and count < request.batch_size:  # the last batch, padded: one shape to compile for
+                padding = pixel_values.new_zeros((request.batch_size - count, *pixel_values.shape[1:]))
+                pixel_values = torch.cat((pixel_values, padding))
+            features = _image_features(backbone, pixel_values)[:count]
+            features = features.to(dtype)  # what the forward does before masked_scatter (inputs_embeds' dtype)
+            mm_tokens, hidden = int(features.shape[1]), int(features.shape[2])
+            writer.add(batch_rows, features.to("cpu"))
+            encoded += len(batch_rows)
+    writer.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    loop_s = time.time() - loop_started if loop_started else 0.0
+    return _Encoded(encoded, mm_tokens, hidden, writer.names, first_batch_s, loop_s)
+
+
+def _autocast(device: Any, dtype: Any) -> Any:
+    # The train job's forward runs under autocast on a GPU (Trainer's bf16/fp16 mixed precision), and the
+    # tower's layer norms then compute in float32: run it the same way, so the features are the same numbers.
+    import torch
+
+    if device.type == "cuda" and dtype != torch.float32:
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cpu", enabled=False)
 
 
 class _ShardWriter:
