@@ -174,9 +174,41 @@ def evaluate(request: EvaluateRequest) -> EvaluateResult:
     )
     render = RenderCheck() if cfg.render_check else None
 
+    started = time.perf_counter()
+    records, scoring_s = _ask_all(client, request, split, num_samples, render)
+    elapsed = time.perf_counter() - started
+    records.sort(key=lambda record: record["index"])
+
+    scored = [record for record in records if record["error"] is None]
+    failed = [record for record in records if record["error"] is not None]
+    metrics, by_length, aggregate_s = _aggregate(scored, len(records), len(failed), cfg)
+    scoring_s += aggregate_s
+    timing = _timing_summary(records, elapsed, scoring_s)
+    _write_results(request, records, scored, failed, metrics, by_length, timing)
+    print(
+        f"evaluate {request.label}: {len(records)} requests in {elapsed:.1f} s; per request the server took "
+        f"{timing['server_s_mean']} s and this client {timing['client_s_mean']} s on average "
+        f"(client share {timing['client_overhead_fraction']}); scoring {scoring_s:.2f} s",
+        file=sys.stderr,
+    )
+    if not scored:
+        raise RuntimeError(f"all {len(records)} requests to {request.base_url} failed: {failed[0]['error']}")
+    if failed:
+        print(
+            f"warning: {len(failed)} of {len(records)} requests to {request.base_url} failed and were not scored; "
+            f"first: {failed[0]['error']}",
+            file=sys.stderr,
+        )
+    return EvaluateResult(results_path=request.output_path, label=request.label, metrics=metrics)
+
+
+def _ask_all(client: Any, request: EvaluateRequest, split: Any, num_samples: int,
+             render: RenderCheck | None) -> tuple[list[dict[str, Any]], float]:
+    """One request per row, at most `concurrency` in flight, each answer scored as it arrives: the records (in
+    the order the answers came) and the seconds spent scoring."""
+    cfg = request.evaluate
     records: list[dict[str, Any]] = []
     scoring_s = 0.0
-    started = time.perf_counter()
     # Rows are decoded one at a time as slots free up, so at most `concurrency` images are in memory.
     rows = enumerate(split.select(range(num_samples)))
     in_flight: dict[Future, dict[str, Any]] = {}
@@ -199,36 +231,43 @@ def evaluate(request: EvaluateRequest) -> EvaluateResult:
                 record = in_flight.pop(future)
                 submit_next()  # first, so the server is never idle while this answer is scored
                 prediction, error, timing = future.result()
-                record.update(prediction=prediction, error=error, latency_s=round(timing["total_s"], 5))
-                server_s = timing["server_s"]
-                record["server_s"] = None if server_s is None else round(server_s, 5)
-                record["client_s"] = (
-                    None if server_s is None else round(timing["encode_s"] + timing["total_s"] - server_s, 5)
-                )
+                _record_answer(record, prediction, error, timing)
                 scoring_started = time.perf_counter()
-                if prediction is None:
-                    record.update(cer=None, normalized_cer=None, counts=None)
-                else:
-                    counts = sample_counts(prediction, record["reference"], cfg.normalize_left_right)
-                    if render is not None:
-                        counts.update(render(prediction, record["reference"], counts["normalized_exact"]))
-                    record.update(
-                        cer=sample_rate(counts, "cer"), normalized_cer=sample_rate(counts, "normalized_cer"),
-                        counts=counts,
-                    )
+                _score(record, prediction, cfg, render)
                 scoring_s += time.perf_counter() - scoring_started
                 records.append(record)
                 progress.update(error is not None)
-    elapsed = time.perf_counter() - started
-    records.sort(key=lambda record: record["index"])
+    return records, scoring_s
 
-    scored = [record for record in records if record["error"] is None]
-    failed = [record for record in records if record["error"] is not None]
-    aggregate_started = time.perf_counter()
+
+def _record_answer(record: dict[str, Any], prediction: str | None, error: str | None,
+                   timing: dict[str, float | None]) -> None:
+    record.update(prediction=prediction, error=error, latency_s=round(timing["total_s"], 5))
+    server_s = timing["server_s"]
+    record["server_s"] = None if server_s is None else round(server_s, 5)
+    record["client_s"] = None if server_s is None else round(timing["encode_s"] + timing["total_s"] - server_s, 5)
+
+
+def _score(record: dict[str, Any], prediction: str | None, cfg: Any, render: RenderCheck | None) -> None:
+    """The sample's counts and rates; None for a failed request, which is never scored as an empty answer."""
+    if prediction is None:
+        record.update(cer=None, normalized_cer=None, counts=None)
+        return
+    counts = sample_counts(prediction, record["reference"], cfg.normalize_left_right)
+    if render is not None:
+        counts.update(render(prediction, record["reference"], counts["normalized_exact"]))
+    record.update(cer=sample_rate(counts, "cer"), normalized_cer=sample_rate(counts, "normalized_cer"), counts=counts)
+
+
+def _aggregate(scored: list[dict[str, Any]], num_samples: int, num_failed: int,
+               cfg: Any) -> tuple[Metrics, list[dict[str, Any]], float]:
+    """Corpus metrics with their intervals and the per-length breakdown, over the scored samples; and the
+    seconds that took (counted as scoring time)."""
+    started = time.perf_counter()
     counts = [record["counts"] for record in scored]
     summary = aggregate(counts, cfg.bootstrap_resamples, cfg.confidence_level, cfg.bootstrap_seed)
     by_length = length_buckets(counts, cfg.length_buckets)
-    scoring_s += time.perf_counter() - aggregate_started
+    aggregate_s = time.perf_counter() - started
     metrics = Metrics(
         **{name: summary[name] for name in METRIC_NAMES},
         render_failed=summary["render_failed"],
@@ -236,12 +275,18 @@ def evaluate(request: EvaluateRequest) -> EvaluateResult:
         intervals=summary["intervals"],
         confidence_level=cfg.confidence_level if summary["intervals"] else None,
         bootstrap_resamples=cfg.bootstrap_resamples if summary["intervals"] else None,
-        num_samples=len(records),
+        num_samples=num_samples,
         num_scored=len(scored),
-        num_failed=len(failed),
+        num_failed=num_failed,
     )
+    return metrics, by_length, aggregate_s
+
+
+def _write_results(request: EvaluateRequest, records: list[dict[str, Any]], scored: list[dict[str, Any]],
+                   failed: list[dict[str, Any]], metrics: Metrics, by_length: list[dict[str, Any]],
+                   timing: dict[str, Any]) -> None:
+    cfg = request.evaluate
     worst = sorted(scored, key=lambda r: (r["normalized_cer"], r["cer"]), reverse=True)[: cfg.worst_in_report]
-    timing = _timing_summary(records, elapsed, scoring_s)
     atomic_write_json(
         request.output_path,
         {
@@ -269,21 +314,6 @@ def evaluate(request: EvaluateRequest) -> EvaluateResult:
             "samples": records,
         },
     )
-    print(
-        f"evaluate {request.label}: {len(records)} requests in {elapsed:.1f} s; per request the server took "
-        f"{timing['server_s_mean']} s and this client {timing['client_s_mean']} s on average "
-        f"(client share {timing['client_overhead_fraction']}); scoring {scoring_s:.2f} s",
-        file=sys.stderr,
-    )
-    if not scored:
-        raise RuntimeError(f"all {len(records)} requests to {request.base_url} failed: {failed[0]['error']}")
-    if failed:
-        print(
-            f"warning: {len(failed)} of {len(records)} requests to {request.base_url} failed and were not scored; "
-            f"first: {failed[0]['error']}",
-            file=sys.stderr,
-        )
-    return EvaluateResult(results_path=request.output_path, label=request.label, metrics=metrics)
 
 
 # --- the report ----------------------------------------------------------------------------------------
