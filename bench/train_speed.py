@@ -337,10 +337,10 @@ def _kernel_seconds(averages: Any) -> float:
 
 
 def _profile_trainer_steps(out: Path, first: int, count: int = 3, sync_steps: int = 2):
-    """Wrap modal_jobs.train.build_trainer so the trainer it builds records, from step `first`: `sync_steps` steps
-    with every host-synchronising CUDA operation counted by its stack (OUT/trainer_syncs.txt), then `count`
-    profiled steps: a kernel table, how busy the GPU was, and its idle gaps charged to the host operations that
-    ended them (OUT/trainer_profile.txt, OUT/trainer_idle.json)."""
+    """Wrap build_trainer (where modal_jobs.train.job's train calls it) so the trainer it builds records, from step
+    `first`: `sync_steps` steps with every host-synchronising CUDA operation counted by its stack
+    (OUT/trainer_syncs.txt), then `count` profiled steps: a kernel table, how busy the GPU was, and its idle gaps
+    charged to the host operations that ended them (OUT/trainer_profile.txt, OUT/trainer_idle.json)."""
     from bench.gpu_idle import SyncRecorder, idle_report
     from modal_jobs.train import job  # where train() looks build_trainer up
 

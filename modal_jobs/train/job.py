@@ -20,6 +20,7 @@ _CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 
 
 def latest_complete_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The highest-numbered checkpoint with all of _CHECKPOINT_FILES; None where there is none."""
     complete = []
     for path in checkpoints_dir.glob("checkpoint-*"):
         match = re.fullmatch(r"checkpoint-(\d+)", path.name)
@@ -29,6 +30,8 @@ def latest_complete_checkpoint(checkpoints_dir: Path) -> Path | None:
 
 
 def train(request: TrainRequest) -> TrainResult:
+    """Train the adapter into <run>/lora/ (a finished one is returned as `cached`), resuming from the latest
+    complete checkpoint in <run>/checkpoints/."""
     adapter_dir = resolve(request.adapter_dir)
     checkpoints_dir = resolve(request.checkpoints_dir)
     if is_complete(adapter_dir):

@@ -1,7 +1,7 @@
 """The loss of a batch of cached image features: next-token cross-entropy over its labelled tokens only.
 
 `labelled_token_loss` runs the backbone on the merged embeddings and the LM head only where a label is;
-`_with_image_features` gives a trainer class that loss (normalised as the trainer normalises its own).
+`_with_image_features` makes a trainer class compute it (normalised as the trainer normalises its own loss).
 """
 
 from __future__ import annotations

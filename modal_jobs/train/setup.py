@@ -1,6 +1,6 @@
 """Building the trainer: backend, model and LoRA, image inputs, speed levers, arguments, rows and collator.
 
-`build_trainer(request)` reads as the sequence of its steps; each step is a function below it. The trainer's
+`build_trainer(request)` reads as the sequence of its steps, each a named function of this module. The trainer's
 arguments are all in `_training_arguments`; which levers a run uses is decided once, in `_choose_levers`, from
 the settings in modal_jobs.train.levers.
 """
@@ -64,7 +64,6 @@ def plan_image_inputs(request: TrainRequest) -> dict[str, Any]:
             "components": expected.components}
 
 
-
 def _micro_batch(train_cfg: Any, features: bool) -> tuple[int, int]:
     """(micro-batch, accumulation steps): the effective batch is kept; with cached features, as few steps as the
     micro-batch cap allows."""
@@ -73,7 +72,6 @@ def _micro_batch(train_cfg: Any, features: bool) -> tuple[int, int]:
     effective = train_cfg.effective_batch_size
     micro = max(d for d in range(1, min(effective, levers.FEATURES_MAX_MICRO_BATCH) + 1) if effective % d == 0)
     return micro, effective // micro
-
 
 
 def _report_to() -> list[str]:
@@ -175,8 +173,6 @@ class TrainerSetup:
         self.rows = rows
         self.backend = backend
         self.image_inputs = image_inputs
-
-
 
 
 @dataclass(frozen=True)
