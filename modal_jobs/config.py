@@ -30,6 +30,10 @@ STAGES: tuple[str, ...] = (
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 
+# Modal attaches at most 8 GPUs to one container (all on one machine); DDP here never spans machines.
+MAX_GPUS_PER_CONTAINER = 8
+
+
 class Section(BaseModel):
     # Unknown keys are errors: a typo in a YAML file must not silently fall back to a default.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -144,6 +148,20 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(0.2, ge=0.0, lt=1.0, description="Fraction of the steps spent warming up.")
     per_device_batch_size: PositiveInt = 4
     gradient_accumulation_steps: PositiveInt = 4
+    # Left out of the saved config at 1, so the train key of every run made before it existed holds.
+    gpus: int = Field(
+        1,
+        ge=1,
+        le=MAX_GPUS_PER_CONTAINER,
+        exclude_if=lambda value: value == 1,
+        description=(
+            "GPUs to train on, one process each (DDP, launched with torchrun). The global batch stays "
+            "per_device_batch_size x gradient_accumulation_steps: each process accumulates "
+            "gradient_accumulation_steps / gpus micro-batches, so gpus must divide gradient_accumulation_steps. "
+            "On Modal the train function asks for `<modal.gpu.train>:<gpus>`. On a machine without CUDA, gpus > 1 "
+            "runs that many CPU processes over gloo (a rehearsal of the layout, docs/multi_gpu.md)."
+        ),
+    )
     num_epochs: PositiveFloat = 1.0
     max_steps: PositiveInt | None = Field(None, description="Stop after this many optimizer steps (overrides epochs).")
     max_samples: PositiveInt | None = Field(None, description="Train on at most this many rows of the train split.")
@@ -159,7 +177,27 @@ class TrainConfig(Section):
 
     @property
     def effective_batch_size(self) -> int:
+        """Samples per optimizer step, whatever the number of GPUs (micro-batch x accumulation per process x
+        processes)."""
         return self.per_device_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def accumulation_per_process(self) -> int:
+        return self.gradient_accumulation_steps // self.gpus
+
+    @model_validator(mode="after")
+    def _gpus_split_the_accumulation(self) -> TrainConfig:
+        if self.gradient_accumulation_steps % self.gpus:
+            multiple = self.gpus * max(1, round(self.gradient_accumulation_steps / self.gpus))
+            raise ValueError(
+                f"train.gpus={self.gpus} does not divide train.gradient_accumulation_steps="
+                f"{self.gradient_accumulation_steps}: each GPU accumulates gradient_accumulation_steps / gpus "
+                f"micro-batches so that the global batch stays per_device_batch_size x gradient_accumulation_steps "
+                f"({self.effective_batch_size}). Set train.gradient_accumulation_steps to a multiple of {self.gpus} "
+                f"(e.g. {multiple}, adjusting train.per_device_batch_size to keep the batch you want), or change "
+                "train.gpus"
+            )
+        return self
 
 
 class ExportConfig(Section):
@@ -295,6 +333,27 @@ class PipelineConfig(Section):
     def _builtin_pairs(self) -> PipelineConfig:
         if self.model.source == BUILTIN_MODEL and self.model.load_in_4bit:
             raise ValueError("model.load_in_4bit: the built-in tiny model cannot be loaded in 4 bit")
+        return self
+
+    @model_validator(mode="after")
+    def _train_gpus_on_modal(self) -> PipelineConfig:
+        """On Modal the train function asks for `<modal.gpu.train>:<train.gpus>`: one count, said once."""
+        if self.executor_for("train") != "modal":
+            return self
+        gpu = self.modal.gpu.train
+        if gpu is None:
+            if self.train.gpus > 1:
+                raise ValueError(
+                    f"train.gpus={self.train.gpus}, but modal.gpu.train is null (CPU): set modal.gpu.train to a GPU "
+                    f"type (e.g. A100-80GB), or train.gpus to 1"
+                )
+            return self
+        kind, _, count = gpu.partition(":")
+        if count and (not count.isdigit() or int(count) != self.train.gpus):
+            raise ValueError(
+                f"modal.gpu.train={gpu!r} asks for {count} GPUs but train.gpus={self.train.gpus}: give the type alone "
+                f"(modal.gpu.train: {kind}) and the count in train.gpus, which also sets how many processes train"
+            )
         return self
 
     @classmethod

@@ -98,6 +98,14 @@ class TrainResult(Message):
     train_samples: int
     runtime_s: float
     resumed_from: str | None = None
+    # The batch as it ran (None in results written before it was recorded): the global batch is the config's,
+    # however it was split between micro-batches, accumulation and processes.
+    gpus: int = Field(1, description="Processes that trained, one per GPU (CPU processes where there is no CUDA).")
+    micro_batch: int | None = Field(None, description="Samples per forward pass in each process.")
+    accumulation_steps: int | None = Field(None, description="Micro-batches each process accumulates per step.")
+    global_batch_size: int | None = Field(
+        None, description="Samples per optimizer step: micro_batch x accumulation_steps x gpus."
+    )
     cached: bool = False
 
 
