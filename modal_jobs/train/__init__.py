@@ -30,6 +30,8 @@ Modules, one concern each (none imports torch, transformers, trl, peft or unslot
     loss.py    labelled_token_loss and the trainer class that uses it
     levers.py  speed-lever settings (FEATURES_*: set them on modal_jobs.train.levers, where they are read) and
                what applies them: selective recomputation, fused LoRA forwards, compiled layers, FlexAttention
+    distributed.py  train.gpus > 1: the job launches one process per GPU with torchrun (__main__.py is each
+               process's entry), commits their checkpoints, returns rank 0's result; what the trainer needs under DDP
 """
 
 from modal_jobs.train.job import latest_complete_checkpoint, train

@@ -31,16 +31,29 @@ def latest_complete_checkpoint(checkpoints_dir: Path) -> Path | None:
 
 def train(request: TrainRequest) -> TrainResult:
     """Train the adapter into <run>/lora/ (a finished one is returned as `cached`), resuming from the latest
-    complete checkpoint in <run>/checkpoints/."""
+    complete checkpoint in <run>/checkpoints/; with train.gpus > 1, in that many processes
+    (modal_jobs.train.distributed)."""
     adapter_dir = resolve(request.adapter_dir)
-    checkpoints_dir = resolve(request.checkpoints_dir)
     if is_complete(adapter_dir):
         return TrainResult.model_validate({**read_manifest(adapter_dir)["result"], "cached": True})
+    if request.train.gpus > 1:
+        from modal_jobs.train import distributed
 
+        return distributed.launch(request)
+    return train_in_this_process(request)
+
+
+def train_in_this_process(request: TrainRequest) -> TrainResult:
+    """The training itself: the whole run in a one-process job, one rank's share of it under DDP (where rank 0
+    alone writes the adapter)."""
+    from modal_jobs.train import distributed
+
+    adapter_dir = resolve(request.adapter_dir)
+    checkpoints_dir = resolve(request.checkpoints_dir)
     setup = build_trainer(request)
     trainer = setup.trainer
     resume_from = latest_complete_checkpoint(checkpoints_dir)
-    if resume_from is not None:
+    if resume_from is not None and distributed.is_rank_zero():
         print(f"resuming from {resume_from}", file=sys.stderr)
     started = time.time()
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -58,7 +71,13 @@ def train(request: TrainRequest) -> TrainResult:
         train_samples=len(setup.rows),
         runtime_s=round(runtime, 2),
         resumed_from=resume_from.name if resume_from else None,
+        gpus=setup.image_inputs["gpus"],
+        micro_batch=setup.image_inputs["micro_batch"],
+        accumulation_steps=setup.image_inputs["gradient_accumulation_steps"],
+        global_batch_size=setup.image_inputs["global_batch_size"],
     )
+    if not distributed.is_rank_zero():
+        return result
     manifest = {"stage": "train", "request": request.model_dump(mode="json"), "result": result.model_dump(mode="json"),
                 "image_inputs": setup.image_inputs, "log_history": trainer.state.log_history}
     with atomic_output(adapter_dir, manifest) as tmp:

@@ -82,7 +82,9 @@ def _with_image_features(trainer_class: type) -> type:
                                             num_items_in_batch=num_items_in_batch)
             import torch
 
-            total, count = labelled_token_loss(model, inputs)
+            from modal_jobs.train.distributed import through_ddp
+
+            total, count = through_ddp(model, labelled_token_loss, inputs)
             denominator = count if num_items_in_batch is None else num_items_in_batch
             loss = total / torch.as_tensor(denominator, device=total.device).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:

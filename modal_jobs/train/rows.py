@@ -44,13 +44,16 @@ def _pixel_rows(request: TrainRequest, train_split):
     # carry every image, too many to hold in memory for a large set: their cache file goes beside the outputs,
     # never into the finished dataset folder (datasets' default), which must keep matching its manifest.
     from modal_jobs.storage import dataset_cache_dir, short_hash
+    from modal_jobs.train import distributed
 
     cache = dataset_cache_dir(request.dataset_dir)
     cache.mkdir(parents=True, exist_ok=True)
     name = f"pixel-rows-{short_hash([train_split._fingerprint, request.instruction])}.arrow"
     # Written afresh each time: the name does not cover this function's code, so an old file must not be reused.
-    return train_split.map(to_row, remove_columns=["text"], desc="formatting", cache_file_name=str(cache / name),
-                           load_from_cache_file=False)
+    # Under DDP rank 0 writes it and the other processes then read that file, rather than all writing one file.
+    with distributed.rank_zero_first():
+        return train_split.map(to_row, remove_columns=["text"], desc="formatting",
+                               cache_file_name=str(cache / name), load_from_cache_file=not distributed.is_rank_zero())
 
 
 def _feature_rows(request: TrainRequest, train_split, tokenizer: Any = None):

@@ -18,7 +18,7 @@ from typing import Any
 from modal_jobs.errors import InputError
 from modal_jobs.schemas import TrainRequest
 from modal_jobs.storage import atomic_write_json, resolve, short_hash
-from modal_jobs.train import levers
+from modal_jobs.train import distributed, levers
 from modal_jobs.train.loss import _with_image_features
 from modal_jobs.train.rows import (
     FeatureCollator,
@@ -65,11 +65,12 @@ def plan_image_inputs(request: TrainRequest) -> dict[str, Any]:
 
 
 def _micro_batch(train_cfg: Any, features: bool) -> tuple[int, int]:
-    """(micro-batch, accumulation steps): the effective batch is kept; with cached features, as few steps as the
-    micro-batch cap allows."""
+    """(micro-batch, accumulation steps) of each of the train.gpus processes: together they keep the effective
+    batch (each accumulates gradient_accumulation_steps / gpus micro-batches); with cached features, as few steps
+    as the micro-batch cap allows."""
     if not features:
-        return train_cfg.per_device_batch_size, train_cfg.gradient_accumulation_steps
-    effective = train_cfg.effective_batch_size
+        return train_cfg.per_device_batch_size, train_cfg.accumulation_per_process
+    effective = train_cfg.per_device_batch_size * train_cfg.accumulation_per_process
     micro = max(d for d in range(1, min(effective, levers.FEATURES_MAX_MICRO_BATCH) + 1) if effective % d == 0)
     return micro, effective // micro
 
@@ -97,6 +98,8 @@ def _progress_callback(progress_path: Path):
             self.history: list[dict[str, Any]] = []
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero:  # under DDP every process logs the same (gathered) numbers
+                return
             if logs and "loss" in logs:
                 self.history.append(
                     {"step": state.global_step, "loss": logs.get("loss"), "learning_rate": logs.get("learning_rate"),
@@ -141,11 +144,14 @@ def _load_unsloth(request: TrainRequest, model_dir: Path, gradient_checkpointing
     from unsloth import FastVisionModel  # Unsloth must be imported before transformers
 
     train = request.train
+    # Under DDP each process's copy on its own GPU (Unsloth places only quantized models per rank by itself).
+    placement = {"device_map": {"": f"cuda:{distributed.local_rank()}"}} if distributed.world_size() > 1 else {}
     model, processor = FastVisionModel.from_pretrained(
         str(model_dir),
         load_in_4bit=request.model.load_in_4bit,
         use_gradient_checkpointing=gradient_checkpointing,
         max_seq_length=request.model.max_seq_length,
+        **placement,
     )
     model = FastVisionModel.get_peft_model(
         model,
@@ -186,7 +192,8 @@ class LeverChoice:
     compile_layers: bool
     recompute_in_compiled: bool
     micro_batch: int
-    accumulation: int
+    accumulation: int  # per process
+    processes: int  # train.gpus: the global batch is micro_batch x accumulation x processes
     group_by_length: bool
     pack: bool
     loader_workers: int
@@ -194,7 +201,9 @@ class LeverChoice:
 
 
 def build_trainer(request: TrainRequest) -> TrainerSetup:
-    """The trainer `train` runs, built so that a bad model folder, split or image fails before weights load."""
+    """The trainer `train` runs, built so that a bad model folder, split or image fails before weights load.
+    With train.gpus > 1, the trainer of one of that many processes (modal_jobs.train.distributed)."""
+    _check_process_count(request)
     model_dir = _checked_model_dir(request)
     backend = _backend_imported_first(request)
     train_split = _train_split(request)  # before the model: bad data fails before any weights are loaded
@@ -218,6 +227,16 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
     )
     compiled, fused_lora = _apply_model_levers(trainer, backend, choice)
     return TrainerSetup(trainer, processor, rows, backend, _image_inputs_record(plan, choice, compiled, fused_lora))
+
+
+def _check_process_count(request: TrainRequest) -> None:
+    # Each process accumulates gradient_accumulation_steps / gpus micro-batches: built in fewer processes than
+    # train.gpus, a trainer would quietly train on a smaller global batch than the config's.
+    if request.train.gpus != distributed.world_size():
+        raise RuntimeError(
+            f"a trainer for train.gpus={request.train.gpus} built in a group of {distributed.world_size()} "
+            "process(es): train() launches one process per GPU (modal_jobs.train.distributed)"
+        )
 
 
 def _checked_model_dir(request: TrainRequest) -> Path:
@@ -279,6 +298,12 @@ def _choose_levers(request: TrainRequest, backend: str, features: bool, model: A
     checkpointing = _checkpointing(features)
     compile_layers = features and on_gpu and backend == "trl" and levers.FEATURES_COMPILE
     micro_batch, accumulation = _micro_batch(request.train, features)
+    processes = request.train.gpus
+    if distributed.is_rank_zero():
+        print(f"batch: micro-batch {micro_batch} x accumulation {accumulation} x {processes} "
+              f"process{'es' if processes > 1 else ''} = {micro_batch * accumulation * processes} rows per optimizer "
+              f"step (train.per_device_batch_size x gradient_accumulation_steps = "
+              f"{request.train.effective_batch_size})", file=sys.stderr)
     # Packed rows need a mask that keeps them apart; FlexAttention computes only its non-empty blocks (SDPA would
     # get a dense [tokens, tokens] mask over the whole batch). A model without it trains on padded batches.
     pack = bool(compile_layers and levers.FEATURES_PACK_SEQUENCES) and levers._switch_to_flex_attention(model)
@@ -290,7 +315,10 @@ def _choose_levers(request: TrainRequest, backend: str, features: bool, model: A
         recompute_in_compiled=bool(compile_layers and levers.FEATURES_RECOMPUTE_IN_COMPILED and checkpointing),
         micro_batch=micro_batch,
         accumulation=accumulation,
-        group_by_length=features and levers.FEATURES_GROUP_BY_LENGTH,
+        processes=processes,
+        # transformers sizes the length groups by one process's batch, so under DDP other rows would share a step
+        # than in one process: off there, so that any number of GPUs trains on the same steps.
+        group_by_length=features and levers.FEATURES_GROUP_BY_LENGTH and processes == 1,
         pack=pack,
         loader_workers=levers.FEATURES_LOADER_WORKERS if features and on_gpu else 0,
         pad_to_multiple_of=levers.FEATURES_PAD_TO_MULTIPLE if compile_layers else None,
@@ -309,6 +337,21 @@ def _training_arguments(request: TrainRequest, model_dir: Path, backend: str, ch
         extra_args["dataset_kwargs"] = {"skip_prepare_dataset": True}
     if choice.group_by_length:
         extra_args["train_sampling_strategy"] = "group_by_length"
+    if choice.processes > 1:
+        extra_args.update(
+            # The group modal_jobs.train.distributed made: NCCL between GPUs, gloo between CPU processes (which
+            # accelerate treats as a distributed run only when told it is on the CPU).
+            ddp_backend="nccl" if on_gpu else "gloo",
+            use_cpu=not on_gpu,
+            # Every LoRA weight gets a gradient at every step; searching the graph for unused ones costs a pass per
+            # step (and does not mix with recomputation).
+            ddp_find_unused_parameters=False,
+            # What makes N processes compute the one-process update: each micro-batch's summed loss divided by the
+            # labelled tokens of the whole global batch, counted across processes (num_items_in_batch), then
+            # multiplied by N because DDP averages the gradients (loss.py; the pixel path: transformers itself).
+            # transformers' default, stated here because the result depends on it.
+            average_tokens_across_devices=True,
+        )
     run_name = train_cfg.run_name or f"finetune_{model_dir.name}_{time.strftime('%Y%m%d-%H%M%S')}"
     os.environ.setdefault("WANDB_PROJECT", train_cfg.wandb_project)
     return SFTConfig(
@@ -364,9 +407,13 @@ def _rows_and_trainer_class(request: TrainRequest, train_split: Any, pixel_rows:
         collator = FeatureCollator(processor, FeatureStore(plan["features_dir"]), max_length=max_length,
                                    completion_only_loss=True, pad_to_multiple_of=choice.pad_to_multiple_of,
                                    pack=choice.pack)
-        return rows, _with_image_features(SFTTrainer), {"data_collator": collator}
-    rows = pixel_rows if pixel_rows is not None else _pixel_rows(request, train_split)
-    return rows, SFTTrainer, {}
+        trainer_class, collator_args = _with_image_features(SFTTrainer), {"data_collator": collator}
+    else:
+        rows = pixel_rows if pixel_rows is not None else _pixel_rows(request, train_split)
+        trainer_class, collator_args = SFTTrainer, {}
+    if choice.processes > 1:
+        trainer_class = distributed.rank_trainer_class(trainer_class)
+    return rows, trainer_class, collator_args
 
 
 def _apply_model_levers(trainer: Any, backend: str, choice: LeverChoice) -> tuple[bool, int | bool]:
@@ -396,7 +443,9 @@ def _image_inputs_record(plan: dict[str, Any], choice: LeverChoice, compiled: bo
         "features_dir": plan["features_dir"],
         "reasons": plan["reasons"],
         "micro_batch": choice.micro_batch,
-        "gradient_accumulation_steps": choice.accumulation,
+        "gradient_accumulation_steps": choice.accumulation,  # per process
+        "gpus": choice.processes,
+        "global_batch_size": choice.micro_batch * choice.accumulation * choice.processes,
         "gradient_checkpointing": choice.checkpointing,
         "group_by_length": choice.group_by_length,
         "compiled_layers": compiled,
