@@ -176,7 +176,8 @@ STAGE_SPECS: dict[str, StageSpec] = {
     # Modal's longest timeout. A preempted or crashed container is retried in a fresh one, and the job
     # resumes from its latest complete checkpoint on the Volume.
     # CPU and memory are billed on top of the GPU (for what is requested or used, whichever is more): enough
-    # for the data loader and for the 8.6 GB of weights passing through host memory, no more.
+    # for the data loader and for the 8.6 GB of weights passing through host memory, no more. Per GPU: a call
+    # with train.gpus = N asks for N times these (stage_resources) and N GPUs of this type.
     "train": StageSpec(
         gpu_image, GPUS.train, 24 * HOURS, cpu=4.0, memory_mib=32 * 1024,
         retries=modal.Retries(max_retries=3, initial_delay=10.0, backoff_coefficient=2.0, max_delay=60.0),
@@ -195,6 +196,18 @@ STAGE_SPECS: dict[str, StageSpec] = {
     "serve": StageSpec(cpu_image, None, SERVE_READY_TIMEOUT_S + 5 * MINUTES, cpu=1.0, memory_mib=1024),
     "evaluate": StageSpec(cpu_image, GPUS.evaluate, 2 * HOURS, cpu=2.0, memory_mib=4 * 1024),
 }
+
+
+
+def stage_resources(stage: str, gpus: int = 1) -> tuple[float, int]:
+    """(CPU cores, memory MiB) a stage's call asks for on `gpus` GPUs. Train runs one process per GPU (train.gpus),
+    each with its own data loader workers and its own copy of the weights passing through host memory, so its
+    cores and memory grow with the GPUs; every other stage is one process. A call with train.gpus > 1 asks for
+    these and `<type>:<gpus>` through Function.with_options (tasks/modal_executor.py)."""
+    spec = STAGE_SPECS[stage]
+    processes = gpus if stage == "train" else 1
+    return spec.cpu * processes, spec.memory_mib * processes
+
 
 app = modal.App(APP_NAME)
 

@@ -214,6 +214,12 @@ def _gpu_count(gpu: str) -> tuple[str, int]:
     return kind, int(count) if count.isdigit() else 1
 
 
+def _requested_gpus(stage: str, request: BaseModel | None) -> int:
+    """train.gpus of a train request; 1 for anything else (every other stage runs one process)."""
+    train = getattr(request, "train", None) if stage == "train" else None
+    return getattr(train, "gpus", 1) or 1
+
+
 def _call_record_path(stage: str, request: BaseModel) -> Path:
     """Where the id of the call running this exact request is kept: the request embeds the stage's cache key."""
     return storage_root() / "modal-calls" / f"{stage}-{short_hash(request.model_dump(mode='json'))}.json"
@@ -330,16 +336,30 @@ class ModalExecutor:
 
     # --- running a stage ----------------------------------------------------------------------------------------
 
-    def gpu_for(self, stage: str) -> str | None:
+    def gpu_for(self, stage: str, request: BaseModel | None = None) -> str | None:
+        """The GPU a stage's function asks for: the config's type, and for train the count of train.gpus
+        (`A100-80GB:2`), read from the request, since a Modal function's GPU is fixed when it is deployed."""
         if stage == "serve":
             return None  # the function only starts the Sandbox, which has the GPU (VLMPIPE_GPU_SERVE)
         if stage in type(self.settings.gpu).model_fields:
-            return getattr(self.settings.gpu, stage)
-        from modal_jobs.app import (
-            STAGE_SPECS,  # a stage the config has no GPU field for: the app's default
-        )
+            gpu = getattr(self.settings.gpu, stage)
+        else:
+            from modal_jobs.app import (
+                STAGE_SPECS,  # a stage the config has no GPU field for: the app's default
+            )
 
-        return STAGE_SPECS[stage].gpu if stage in STAGE_SPECS else None
+            gpu = STAGE_SPECS[stage].gpu if stage in STAGE_SPECS else None
+        gpus = _requested_gpus(stage, request)
+        if gpu is not None and gpus > 1:
+            return f"{_gpu_count(gpu)[0]}:{gpus}"
+        return gpu
+
+    def resources_for(self, stage: str, request: BaseModel | None = None) -> dict[str, Any]:
+        """What a stage's call asks Modal for (and is billed for): gpu, cpu cores, memory_mib."""
+        from modal_jobs.app import stage_resources
+
+        cpu, memory_mib = stage_resources(stage, _requested_gpus(stage, request))
+        return {"gpu": self.gpu_for(stage, request), "cpu": cpu, "memory_mib": memory_mib}
 
     def run(self, stage: str, request: BaseModel, on_poll: PollCallback | None = None) -> BaseModel:
         self.require_credentials(stage)
@@ -366,7 +386,7 @@ class ModalExecutor:
         finally:
             with _RUNNING_LOCK:
                 _RUNNING.pop(id(stop), None)
-            self._record_cost(stage, time.monotonic() - started, logger)
+            self._record_cost(stage, time.monotonic() - started, logger, request=request)
         if on_poll is not None:
             self._mirror_progress(stage, request, force=True)
             on_poll()
@@ -402,18 +422,24 @@ class ModalExecutor:
 
     def _spawn(self, stage: str, request: BaseModel, record: Path, logger: Any) -> str:
         function = self.client.function(self.settings.app_name, stage)
-        gpu = self.gpu_for(stage)
-        if gpu is not None:
+        resources = self.resources_for(stage, request)
+        if _requested_gpus(stage, request) > 1:
+            # Several GPUs, one training process each: the function is deployed with one, so the count (and the
+            # CPU cores and memory that grow with the processes) are asked for per call (Function.with_options:
+            # calls run in a container pool of their own).
+            function = function.with_options(gpu=resources["gpu"], cpu=resources["cpu"],
+                                             memory=resources["memory_mib"])
+        elif resources["gpu"] is not None:
             # The config's GPU wins over the deploy-time default, without a redeploy. (A GPU cannot be
             # removed this way: a stage deployed with one keeps it when the config says null.)
-            function = function.with_options(gpu=gpu)
+            function = function.with_options(gpu=resources["gpu"])
         try:
             call = function.spawn(request.model_dump(mode="json"))
         except Exception as error:
             raise self._mapped(stage, error) from error
         atomic_write_json(record, {"call_id": call.object_id, "stage": stage, "app": self.settings.app_name,
                                    "spawned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        self._record_call(stage, call.object_id, logger)
+        self._record_call(stage, call.object_id, logger, resources["gpu"])
         return call.object_id
 
     def _wait_for_outcome(self, stage: str, request: BaseModel, call_id: str, record: Path, stop: threading.Event,
@@ -526,8 +552,8 @@ class ModalExecutor:
         except Exception as error:  # never hide why we are cancelling
             logger.warning("%s: could not cancel Modal call %s: %s", stage, call.object_id, error)
 
-    def _record_call(self, stage: str, call_id: str, logger: Any) -> None:
-        gpu = self.gpu_for(stage) or "CPU"
+    def _record_call(self, stage: str, call_id: str, logger: Any, gpu: str | None) -> None:
+        gpu = gpu or "CPU"
         logger.info("%s: spawned Modal call %s (app %s, %s)", stage, call_id, self.settings.app_name, gpu)
         if not _in_prefect_run():
             return
@@ -546,14 +572,16 @@ class ModalExecutor:
             description=f"The Modal function call running {stage}",
         )
 
-    def _record_cost(self, stage: str, wall_s: float, logger: Any, **requests: Any) -> None:
+    def _record_cost(self, stage: str, wall_s: float, logger: Any, request: BaseModel | None = None,
+                     **requests: Any) -> None:
         try:
-            self._publish_cost(stage, wall_s, logger, **requests)
+            self._publish_cost(stage, wall_s, logger, **(requests or self.resources_for(stage, request)))
         except Exception as error:  # bookkeeping must not turn a finished job into a failed one
             logger.warning("%s: could not record the cost: %s", stage, error)
 
     def hourly_price(self, gpu: str | None, cpu: float, memory_mib: int) -> float | None:
-        """USD an hour for what a function requests: its GPUs, CPU cores and memory (Modal bills the three)."""
+        """USD an hour for what a function requests: its GPUs (the price of one x their count, `H100:2`), CPU
+        cores and memory (Modal bills the three)."""
         price = self.settings
         per_hour = cpu * price.cpu_core_price_per_hour + memory_mib / 1024 * price.memory_gib_price_per_hour
         if gpu is not None:
@@ -567,10 +595,8 @@ class ModalExecutor:
     def _publish_cost(self, stage: str, wall_s: float, logger: Any, gpu: str | None = None,
                       cpu: float | None = None, memory_mib: int | None = None) -> None:
         if cpu is None or memory_mib is None:
-            from modal_jobs.app import STAGE_SPECS
-
-            spec = STAGE_SPECS[stage]
-            gpu, cpu, memory_mib = self.gpu_for(stage), spec.cpu, spec.memory_mib
+            resources = self.resources_for(stage)
+            gpu, cpu, memory_mib = resources["gpu"], resources["cpu"], resources["memory_mib"]
         per_hour = self.hourly_price(gpu, cpu, memory_mib)
         usd = None if per_hour is None else round(per_hour * wall_s / 3600.0, 4)
         resources = f"{gpu or 'no GPU'}, {cpu:g} cores, {memory_mib / 1024:g} GiB"

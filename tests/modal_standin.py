@@ -154,11 +154,24 @@ class StandInModal:
 
 
 class StandInFunction:
-    def __init__(self, modal: StandInModal, stage: str, gpu: str | None = None) -> None:
-        self.modal, self.stage, self.gpu = modal, stage, gpu
+    """modal.Function: `with_options` returns a new handle whose calls run with the options asked for (recorded in
+    each call's status: gpu, cpu, memory); unset options keep the deployed function's, as on Modal."""
 
-    def with_options(self, gpu: str | None = None, **_: Any) -> StandInFunction:
-        return StandInFunction(self.modal, self.stage, gpu)
+    def __init__(self, modal: StandInModal, stage: str, gpu: str | None = None,
+                 options: dict[str, Any] | None = None) -> None:
+        self.modal, self.stage, self.gpu = modal, stage, gpu
+        self.options = options or {}
+
+    def with_options(self, gpu: str | None = None, cpu: float | None = None, memory: int | None = None,
+                     **others: Any) -> StandInFunction:
+        import inspect
+
+        import modal
+
+        # Modal's own signature: an option it does not know is a TypeError here as there.
+        inspect.signature(modal.Function.with_options).bind(None, gpu=gpu, cpu=cpu, memory=memory, **others)
+        asked = {name: value for name, value in (("cpu", cpu), ("memory", memory)) if value is not None}
+        return StandInFunction(self.modal, self.stage, gpu or self.gpu, {**self.options, **asked})
 
     def spawn(self, payload: dict[str, Any]) -> StandInCall:
         from modal_jobs.app import STAGE_SPECS
@@ -168,7 +181,7 @@ class StandInFunction:
         folder.mkdir()
         (folder / "request.json").write_text(json.dumps(payload))
         retries = STAGE_SPECS[self.stage].retries
-        status = {"stage": self.stage, "gpu": self.gpu, "state": "running", "spawned_at": time.time(),
+        status = {"stage": self.stage, "gpu": self.gpu, **self.options, "state": "running", "spawned_at": time.time(),
                   "max_retries": retries.max_retries if retries else 0, "attempts": 0}
         _write_json(folder / "status.json", status)
         supervisor = subprocess.Popen(
