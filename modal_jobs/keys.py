@@ -23,8 +23,10 @@ from modal_jobs.storage import short_hash
 # Bump when a stage's code changes what it produces, so old outputs are not reused.
 CODE_VERSIONS = {"prepare_dataset": "1", "prepare_model": "1", "train": "1", "export": "1", "evaluate": "2"}
 
-# Train settings that do not change the weights learned: left out of the key.
-_TRAIN_FIELDS_NOT_IN_KEY = {"run_name", "wandb_project", "logging_steps", "save_total_limit", "save_steps"}
+# Train settings that do not change the weights learned: left out of the key. `gpus` among them: N processes
+# train on the same global batch and steps as one (tests/test_multi_gpu.py: adapters equal within 1e-5), so a run
+# moved to another card count finds the same cache and resumes the same checkpoints.
+_TRAIN_FIELDS_NOT_IN_KEY = {"run_name", "wandb_project", "logging_steps", "save_total_limit", "save_steps", "gpus"}
 NUMERICS_LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "unsloth", "unsloth_zoo")
 
 

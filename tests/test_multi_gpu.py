@@ -203,3 +203,16 @@ def test_on_modal_two_gpus_are_asked_for_billed_and_resume_a_one_process_checkpo
     assert executor.hourly_price(**executor.resources_for("train", _request(inputs, "runs/x"))) < price / 1.9
     costs = [record.getMessage() for record in caplog.records if "USD" in record.getMessage()]
     assert costs and "A100-80GB:2" in costs[-1], costs
+
+
+def test_the_card_count_is_not_part_of_the_train_key():
+    """gpus=2 trains the same global batch and steps as gpus=1 (above): a run moved to another card count must find
+    the same cache and checkpoints, while a change that does alter the batch still changes the key."""
+    from modal_jobs.config import ModelConfig
+    from modal_jobs.keys import train_key
+
+    def key(**train):
+        return train_key("data", "model", TrainConfig(**train), ModelConfig(), "read it", {"torch": "2"}).key
+
+    assert key(gradient_accumulation_steps=4, gpus=2) == key(gradient_accumulation_steps=4)
+    assert key(gradient_accumulation_steps=2, gpus=2) != key(gradient_accumulation_steps=4, gpus=2)
