@@ -546,7 +546,8 @@ def test_training_vision_layers_falls_back_to_pixels(vlmpipe_home, tiny_model_di
 
 
 def test_micro_batch_fusion_keeps_the_effective_batch():
-    from modal_jobs.train import FEATURES_MAX_MICRO_BATCH, _micro_batch
+    from modal_jobs.train import _micro_batch
+    from modal_jobs.train.levers import FEATURES_MAX_MICRO_BATCH
 
     for per_device, accumulation in ((4, 4), (8, 1), (2, 16), (3, 5), (16, 4)):
         cfg = TrainConfig(per_device_batch_size=per_device, gradient_accumulation_steps=accumulation)

@@ -216,3 +216,33 @@ def test_the_card_count_is_not_part_of_the_train_key():
 
     assert key(gradient_accumulation_steps=4, gpus=2) == key(gradient_accumulation_steps=4)
     assert key(gradient_accumulation_steps=2, gpus=2) != key(gradient_accumulation_steps=4, gpus=2)
+
+
+def test_the_loss_through_ddp_keeps_a_forward_set_on_the_instance(monkeypatch):
+    """accelerate puts its autocast wrapper on the model instance before DDP wraps it: routing the feature loss
+    through DDP's forward must leave that wrapper in place for every later call."""
+    import socket
+
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from modal_jobs.train.distributed import through_ddp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        inner = torch.nn.Linear(2, 1)
+        wrapper = inner.forward  # stands for accelerate's autocast-wrapped forward
+        inner.forward = wrapper
+        model = DistributedDataParallel(inner)
+        loss = through_ddp(model, lambda module, x: module.weight.sum() * x.sum(), torch.ones(2))
+        loss.backward()
+        assert inner.__dict__["forward"] is wrapper
+        assert inner.weight.grad is not None  # the gradient went through DDP's hooks
+    finally:
+        dist.destroy_process_group()

@@ -34,18 +34,10 @@ Modules, one concern each (none imports torch, transformers, trl, peft or unslot
                process's entry), commits their checkpoints, returns rank 0's result; what the trainer needs under DDP
 """
 
+# The FEATURES_* settings are not re-exported: a copy here would not be what the job reads, so setting it would
+# silently change nothing. Read and set them on modal_jobs.train.levers.
 from modal_jobs.train.job import latest_complete_checkpoint, train
 from modal_jobs.train.levers import (
-    FEATURES_COMPILE,
-    FEATURES_COMPILE_OPTIONS,
-    FEATURES_FUSED_LORA,
-    FEATURES_GRADIENT_CHECKPOINTING,
-    FEATURES_GROUP_BY_LENGTH,
-    FEATURES_LOADER_WORKERS,
-    FEATURES_MAX_MICRO_BATCH,
-    FEATURES_PACK_SEQUENCES,
-    FEATURES_PAD_TO_MULTIPLE,
-    FEATURES_RECOMPUTE_IN_COMPILED,
     _compile_layers,
     fuse_lora_forwards,
     selective_checkpoint_kwargs,
@@ -67,16 +59,6 @@ from modal_jobs.train.setup import (
 )
 
 __all__ = [
-    "FEATURES_COMPILE",
-    "FEATURES_COMPILE_OPTIONS",
-    "FEATURES_FUSED_LORA",
-    "FEATURES_GRADIENT_CHECKPOINTING",
-    "FEATURES_GROUP_BY_LENGTH",
-    "FEATURES_LOADER_WORKERS",
-    "FEATURES_MAX_MICRO_BATCH",
-    "FEATURES_PACK_SEQUENCES",
-    "FEATURES_PAD_TO_MULTIPLE",
-    "FEATURES_RECOMPUTE_IN_COMPILED",
     "LANGUAGE_TARGETS",
     "VISION_TARGETS",
     "FeatureCollator",

@@ -239,11 +239,16 @@ def through_ddp(model: Any, compute: Callable[..., Any], *args: Any) -> Any:
     if not isinstance(model, DistributedDataParallel):
         return compute(model, *args)
     inner = model.module
+    # accelerate may already have put its autocast wrapper on the instance (mixed precision): put it back after.
+    own_forward = inner.__dict__.get("forward")
     inner.forward = lambda *inputs: compute(inner, *inputs)  # an instance attribute: DDP's call finds it first
     try:
         return model(*args)
     finally:
-        del inner.forward
+        if own_forward is None:
+            del inner.forward
+        else:
+            inner.forward = own_forward
 
 
 def rank_trainer_class(trainer_class: type) -> type:

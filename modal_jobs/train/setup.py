@@ -232,7 +232,7 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
 def _check_process_count(request: TrainRequest) -> None:
     # Each process accumulates gradient_accumulation_steps / gpus micro-batches: built in fewer processes than
     # train.gpus, a trainer would quietly train on a smaller global batch than the config's.
-    if request.train.gpus != distributed.world_size():
+    if request.train.gpus > 1 and request.train.gpus != distributed.world_size():
         raise RuntimeError(
             f"a trainer for train.gpus={request.train.gpus} built in a group of {distributed.world_size()} "
             "process(es): train() launches one process per GPU (modal_jobs.train.distributed)"
@@ -283,10 +283,10 @@ def _plan_checked_against_processor(plan: dict[str, Any], processor: Any, backen
         if loaded != plan["components"]["processor_signature"]:
             plan = {**plan, "features_dir": None,
                     "reasons": [f"the {backend} backend's processor differs from the one the cache was made with"]}
-    if plan["features_dir"] is not None:
-        print(f"image inputs: cached features from {plan['features_dir']}", file=sys.stderr)
-    else:
-        print(f"image inputs: pixels ({'; '.join(plan['reasons'])})", file=sys.stderr)
+    if distributed.is_rank_zero():  # under DDP one line, not one per process
+        inputs = (f"cached features from {plan['features_dir']}" if plan["features_dir"] is not None
+                  else f"pixels ({'; '.join(plan['reasons'])})")
+        print(f"image inputs: {inputs}", file=sys.stderr)
     return plan
 
 
