@@ -424,30 +424,12 @@ def _stopping() -> bool:
     return flow_run_stopping()
 
 
-@flow(name="sweep", flow_run_name=_run_name, log_prints=True)
-def sweep(config: PipelineConfig = PipelineConfig(), sweep: SweepSettings = SweepSettings(),
-          refresh: bool = False) -> SweepResult:
-    """Shared prepare/encode once, then one train -> export -> evaluate chain per trial, a leaderboard and a plot."""
-    from prefect.states import Cancelled
-
-    from flows.pipeline import _check_modal_credentials
-    from modal_jobs.storage import (
-        atomic_write_json,
-        check_writable,
-        resolve,
-        short_hash,
-        storage_root,
-    )
+def _run_trials(trials: list[Trial], settings: SweepSettings, refresh: bool) -> tuple[dict[int, TrialOutcome], bool]:
+    """Every trial's chain, at most max_parallel at once: (outcome by trial number, whether the sweep was
+    cancelled). A cancelled sweep stops its running trials; trials not started yet are marked so."""
     from tasks.executors import stop_running_jobs
 
     logger = get_run_logger()
-    settings = sweep
-    check_writable()
-    _check_modal_credentials(config)
-    trials = plan_trials(config, settings)
-    logger.info("%d trials, at most %d at once", len(trials), settings.max_parallel)
-    shared, base_metrics = _prepare_shared(config, trials, refresh)
-
     outcomes: dict[int, TrialOutcome] = {}
     # Bounded submission: at most max_parallel trial threads; the rest wait in the pool's queue.
     pool = ThreadPoolExecutor(max_workers=settings.max_parallel, thread_name_prefix="sweep-trial")
@@ -491,9 +473,16 @@ def sweep(config: PipelineConfig = PipelineConfig(), sweep: SweepSettings = Swee
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown(wait=False)
+    return outcomes, cancelled
+
+
+def _write_board(config: PipelineConfig, settings: SweepSettings, ordered: list[TrialOutcome],
+                 base_metrics: dict[str, Any]) -> tuple[str, str | None, TrialOutcome | None]:
+    """The leaderboard and plot under sweeps/<hash of config and sweep>/, and the board artifact:
+    (that folder, the plot's path or None, the best scored trial or None)."""
+    from modal_jobs.storage import atomic_write_json, resolve, short_hash
 
     metric = config.promote.metric
-    ordered = [outcomes[t.number] for t in trials]
     ranked = rank(ordered, metric)
     best = ranked[0] if ranked and ranked[0].metrics.get(metric) is not None else None
     rows = leaderboard_rows(ordered, metric)
@@ -505,20 +494,46 @@ def sweep(config: PipelineConfig = PipelineConfig(), sweep: SweepSettings = Swee
         plot_path = f"{folder}/plot.png"
         resolve(plot_path).write_bytes(png)
     failed = [o for o in ordered if o.status == "failed"]
-    summary = (f"# Sweep: {len(trials)} trials\n\n"
+    summary = (f"# Sweep: {len(ordered)} trials\n\n"
                + (f"Best {metric}: **{best.name}** ({best.metrics[metric]:.4f} {_interval(best.metrics, metric)})\n\n"
                   if best else "No trial was scored.\n\n")
                + (f"Base model, same test set: {metric} {base_metrics.get(metric)} {_interval(base_metrics, metric)}\n\n")
                + "".join(f"- failed: {o.name}: {o.error}\n" for o in failed)
                + f"\nLeaderboard: `{resolve(folder) / 'leaderboard.json'}`\n")
     _publish_board(rows, png, metric, summary)
+    return folder, plot_path, best
+
+
+@flow(name="sweep", flow_run_name=_run_name, log_prints=True)
+def sweep(config: PipelineConfig = PipelineConfig(), sweep: SweepSettings = SweepSettings(),
+          refresh: bool = False) -> SweepResult:
+    """Shared prepare/encode once, then one train -> export -> evaluate chain per trial, a leaderboard and a plot."""
+    from prefect.states import Cancelled
+
+    from flows.pipeline import _check_modal_credentials
+    from modal_jobs.storage import (
+        atomic_write_json,
+        check_writable,
+        resolve,
+        storage_root,
+    )
+
+    settings = sweep
+    check_writable()
+    _check_modal_credentials(config)
+    trials = plan_trials(config, settings)
+    get_run_logger().info("%d trials, at most %d at once", len(trials), settings.max_parallel)
+    shared, base_metrics = _prepare_shared(config, trials, refresh)
+    outcomes, cancelled = _run_trials(trials, settings, refresh)
+    ordered = [outcomes[t.number] for t in trials]
+    folder, plot_path, best = _write_board(config, settings, ordered, base_metrics)
 
     promotion = None
     if settings.promote_best and best is not None and not cancelled:
         best_trial = next(t for t in trials if t.number == best.number)
         promotion = _promote(best.result, best_trial.config)
     result = SweepResult(
-        state="Cancelled" if cancelled else "Completed", shared=shared, trials=ordered, metric=metric,
+        state="Cancelled" if cancelled else "Completed", shared=shared, trials=ordered, metric=config.promote.metric,
         best=best.number if best else None, base_metrics=base_metrics, leaderboard_path=str(resolve(folder) / "leaderboard.json"),
         plot_path=str(resolve(plot_path)) if plot_path else None, promotion=promotion,
         storage_root=str(storage_root()),
