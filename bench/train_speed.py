@@ -419,7 +419,8 @@ def _run_train_job(spec: dict, name: str, features_dir: str | None, backend: str
     manifest = read_manifest(request.adapter_dir)
     history = json.loads((resolve(request.output_dir) / "progress.json").read_text())["history"]
     inputs = manifest["image_inputs"]
-    step_samples = inputs["micro_batch"] * inputs["gradient_accumulation_steps"]
+    # Rows per optimizer step over every process (train.gpus > 1: the accumulation is per process).
+    step_samples = inputs.get("global_batch_size") or inputs["micro_batch"] * inputs["gradient_accumulation_steps"]
     return {
         "backend": result.backend, "image_inputs": inputs, "steps": result.global_step,
         "kernel_caches_empty_at_start": caches_empty,
@@ -957,6 +958,10 @@ def main() -> None:
                         help="(c) again, after its timed steps, counts host syncs over two (OUT/trainer_syncs.txt) "
                              "and profiles three (OUT/trainer_profile.txt, trainer_idle.json)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="scale every path's step count")
+    parser.add_argument("--gpus", type=int, default=1,
+                        help="our job on this many GPUs (train.gpus), each doing one GPU's default work: the "
+                             "accumulation is multiplied by it, so the global batch is 16 x gpus (weak scaling: "
+                             "compare samples/s with gpus x the 1-GPU rate)")
     parser.add_argument("--child", nargs=3, metavar=("NAME", "SPEC", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -987,13 +992,19 @@ def main() -> None:
         "model_dir": str(workdir / "model"), "dataset_dir": str(workdir / "dataset"), "deadline": deadline,
         "encode_batch": 32 if on_gpu else 8,
         # Enough steps for a sustained rate: ~15-20 s of timed training per path on an H100.
-        "steps_ours": WARMUP_STEPS + TIMED_STEPS + 7 if on_gpu else 6,  # logged every 10: 40 "steps_lever": 24 if on_gpu else 4,
+        # Ours logs every 10 steps: 40 steps time 30 after warm-up (it is measured from a logged step).
+        "steps_ours": WARMUP_STEPS + TIMED_STEPS + 7 if on_gpu else 6, "steps_lever": 24 if on_gpu else 4,
         "steps_variant": 60 if on_gpu else 6, "steps_hf": 8 if on_gpu else 4,
         "steps_unsloth": UNSLOTH_WARMUP_STEPS + TIMED_STEPS + 1, "lever_budget_s": 60 if on_gpu else 10,
         "unsloth_compile": not args.unsloth_no_compile, "probe_compile": args.probe_compile,
         "profile_trainer": args.profile_trainer, "out": str(out),
         "model_overrides": {} if on_gpu else {"max_seq_length": 512},
     }
+    if args.gpus > 1:
+        from modal_jobs.config import TrainConfig
+
+        accumulation = TrainConfig.model_fields["gradient_accumulation_steps"].default
+        spec["train_overrides"] = {"gpus": args.gpus, "gradient_accumulation_steps": accumulation * args.gpus}
     for key in ("steps_ours", "steps_lever", "steps_variant", "steps_hf", "steps_unsloth"):
         spec[key] = max(WARMUP_STEPS + 2, round(spec[key] * args.steps_scale))
     wanted = args.only.split(",")
