@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from modal_jobs import hub
+from tests import whole_runs
+from tests.whole_runs import whole_run
 
 
 @pytest.fixture(autouse=True)
@@ -18,6 +20,22 @@ def offline_hub(monkeypatch):
     hub.hub_reachable.cache_clear()
     yield
     hub.hub_reachable.cache_clear()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with a test that reads a whole run go last, each in its own order: the background thread then has the
+    rest of the session to finish the runs, instead of the first such module waiting for them."""
+    reading = {getattr(item, "module", None) for item in items if whole_runs.reads_a_whole_run(item)}
+    items[:] = [item for item in items if getattr(item, "module", None) not in reading] + [
+        item for item in items if getattr(item, "module", None) in reading]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def whole_runs_in_background(request, tmp_path_factory) -> Iterator[None]:
+    """Starts the selected tests' `@whole_run` fixtures in a background thread (tests/whole_runs.py says why)."""
+    whole_runs.BACKGROUND.start(request, tmp_path_factory)
+    yield
+    whole_runs.BACKGROUND.stop()
 
 
 @pytest.fixture
@@ -56,3 +74,51 @@ def tiny_dataset_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-dataset") / "dataset"
     synthetic_latex_ocr(SyntheticDatasetConfig(train_size=32, test_size=8, seed=1)).save_to_disk(str(path))
     return path
+
+
+# --- whole runs shared by several test modules ---------------------------------------------------------------------
+# Each is a first run and an identical second one on a storage root of its own. The tests read them; a test may
+# damage an output and run again only where the run puts back what it damaged (the cache tests do).
+
+# Short training and evaluation: what is written where, and what comes from the cache, not what is learnt.
+QUICK = ["--set", "train.max_steps=4", "--set", "evaluate.num_samples=4", "--set", "evaluate.max_tokens=8"]
+
+
+@whole_run
+def embedded_default_runs(root: Path) -> dict:
+    """`vlmpipe run` with nothing set, twice: the embedded default, with tokens in the first run's environment."""
+    canary = whole_runs.CANARY
+    return whole_runs.identical_runs(root, [], [], first_env={"HF_TOKEN": canary, "WANDB_API_KEY": canary})
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset_with_one_label_edited(tmp_path_factory, tiny_dataset_dir) -> Path:
+    """tiny_dataset_dir with " x" added to the first train row's text: a user's edit of one label."""
+    from datasets import DatasetDict, load_from_disk
+
+    dataset = load_from_disk(str(tiny_dataset_dir))
+    edited = dataset["train"].map(lambda row, i: {"text": row["text"] + " x" if i == 0 else row["text"]},
+                                  with_indices=True, keep_in_memory=True)
+    path = tmp_path_factory.mktemp("tiny-dataset-edited") / "dataset"
+    DatasetDict({"train": edited, "test": dataset["test"]}).save_to_disk(str(path))
+    return path
+
+
+@whole_run
+def folder_sources_runs(root: Path, tiny_dataset_dir: Path, tiny_model_dir: Path,
+                        tiny_dataset_with_one_label_edited: Path) -> dict:
+    """`vlmpipe run` twice on a `save_to_disk` dataset folder and a model folder of the user's (copies of the tiny
+    ones; `sources` lists them, dataset first), QUICK; then the user edits one label of the dataset folder in place
+    and runs again (`after_one_changed_label`)."""
+    import shutil
+
+    dataset, model = root / "sources" / "dataset", root / "sources" / "model"
+    shutil.copytree(tiny_dataset_dir, dataset)
+    shutil.copytree(tiny_model_dir, model)
+    args = [*QUICK, "--set", f"dataset.source={dataset}", "--set", f"model.source={model}"]
+    runs = whole_runs.identical_runs(root, args, [dataset, model])
+
+    shutil.rmtree(dataset)
+    shutil.copytree(tiny_dataset_with_one_label_edited, dataset)
+    runs["after_one_changed_label"], _ = whole_runs.vlmpipe_run(runs["home"], runs["prefect_home"], *args)
+    return runs

@@ -24,7 +24,6 @@ import ast
 import importlib.metadata
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from collections import defaultdict
@@ -40,6 +39,8 @@ from packaging.utils import canonicalize_name
 import modal_jobs
 import modal_jobs.app as modal_app
 from modal_jobs.jobs import JOBS
+from tests import whole_runs
+from tests.whole_runs import whole_run
 
 PACKAGE_DIR = Path(modal_jobs.__file__).parent
 REPO = PACKAGE_DIR.parent
@@ -434,20 +435,20 @@ EMBEDDED_RUN = [
 ]
 
 
-@pytest.fixture(scope="module")
-def recorded_imports(tmp_path_factory) -> dict[str, list[ImportSite]]:
-    root = tmp_path_factory.mktemp("imports")
+@whole_run
+def recorded_imports(root: Path) -> dict[str, list[ImportSite]]:
+    """A fresh embedded run with the recorder on every process's path: what each stage's job imported."""
     recorder_dir, log_dir = root / "recorder", root / "log"
     recorder_dir.mkdir()
     log_dir.mkdir()
     (recorder_dir / "sitecustomize.py").write_text(textwrap.dedent(RECORDER))
     env = {
-        **os.environ, "VLMPIPE_HOME": str(root / "home"), "PREFECT_HOME": str(root / "prefect"),
+        **whole_runs.ENVIRON, "VLMPIPE_HOME": str(root / "home"), "PREFECT_HOME": str(root / "prefect"),
         "HF_HUB_OFFLINE": "1", "VLMPIPE_IMPORT_LOG": str(log_dir),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(recorder_dir), str(REPO), os.environ.get("PYTHONPATH")])),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(recorder_dir), str(REPO), whole_runs.ENVIRON.get("PYTHONPATH")])),
     }
     command = [sys.executable, "-m", "flows.cli", "run", "--json", *(f"--set={s}" for s in EMBEDDED_RUN)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    done = whole_runs.run(command, env=env, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-4000:]
     stages = json.loads(done.stdout.strip().splitlines()[-1])["stages"]
     assert all(stage["state"] == "Completed" for stage in stages.values()), stages

@@ -3,14 +3,14 @@ through the real CLI (real training, real server, real evaluation) promoting a b
 one, keeping an unchanged one without growing the history, and rolling back.
 
 The worse models are made honestly: the same data and settings with far fewer optimizer steps (2 or 3
-instead of 100). The integration tests share one storage root and run in file order (~4 minutes on 2 idle
-cores: two trainings, then cache hits, one 3-step training and a re-scored champion).
+instead of 100). The integration tests read one story told on one storage root (~4 minutes on 2 idle cores: two
+trainings, then cache hits, one 3-step training and a re-scored champion): `retrain_story`, a whole run
+(tests/whole_runs.py) started in the background as the session begins.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -30,6 +30,8 @@ from modal_jobs.registry import (
     registry_path,
     rollback,
 )
+from tests import whole_runs
+from tests.whole_runs import whole_run
 
 
 def metrics(cer: float | None = 0.5, wer: float | None = 0.8, exact: float | None = 0.1, scored: int = 20,
@@ -249,12 +251,11 @@ SMALL = ["--set", "dataset.synthetic.train_size=200", "--set", "evaluate.num_sam
 
 class Cli:
     def __init__(self, home: Path, prefect_home: Path) -> None:
-        self.env = {**os.environ, "VLMPIPE_HOME": str(home), "PREFECT_HOME": str(prefect_home),
+        self.env = {**whole_runs.ENVIRON, "VLMPIPE_HOME": str(home), "PREFECT_HOME": str(prefect_home),
                     "HF_HUB_OFFLINE": "1"}
 
     def __call__(self, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
-        completed = subprocess.run([sys.executable, "-m", "flows.cli", *args], env=self.env, capture_output=True,
-                                   text=True, timeout=600)
+        completed = whole_runs.run([sys.executable, "-m", "flows.cli", *args], env=self.env, timeout=600)
         assert completed.returncode == expect, completed.stderr[-4000:]
         return completed
 
@@ -265,36 +266,48 @@ class Cli:
         return json.loads(self("registry", "--name", "it", "--json").stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
-def cli(tmp_path_factory) -> Cli:
-    return Cli(tmp_path_factory.mktemp("retrain-home"), tmp_path_factory.mktemp("prefect-home"))
-
-
-@pytest.fixture(scope="module")
-def first_two(cli) -> tuple[dict, dict]:
-    """A barely trained model (2 steps) becomes the first champion; the properly trained one replaces it."""
-    return cli.retrain("--set", "train.max_steps=2"), cli.retrain()
+@whole_run
+def retrain_story(root: Path) -> dict:
+    """The retrain flow's story on one storage root, in order, each step's output kept for the test that reads it:
+    a barely trained model (2 steps) becomes the first champion and the properly trained one replaces it; the 2-step
+    model again is refused and an unchanged run changes nothing; a rollback, then one with nothing to go back to; a
+    fresh 3-step model is judged against the champion scored again on new settings."""
+    cli = Cli(root / "retrain-home", root / "prefect-home")
+    story: dict = {"home": Path(cli.env["VLMPIPE_HOME"])}
+    story["weak"] = cli.retrain("--set", "train.max_steps=2")
+    story["good"] = cli.retrain()
+    story["registry after good"] = cli.registry()
+    story["worse"] = cli.retrain("--set", "train.max_steps=2")
+    story["again"] = cli.retrain()
+    story["registry after again"] = cli.registry()
+    story["rollback"] = cli("rollback", "--name", "it").stdout
+    story["registry after rollback"] = cli.registry()
+    story["second rollback"] = cli("rollback", "--name", "it", expect=1).stderr
+    story["registry before fresh"] = cli.registry()
+    story["fresh"] = cli.retrain("--set", "train.max_steps=3", "--set", "evaluate.num_samples=12")
+    story["registry after fresh"] = cli.registry()
+    return story
 
 
 @pytest.mark.integration
-def test_retrain_promotes_the_first_and_then_a_better_model(cli, first_two):
-    weak, good = first_two
+def test_retrain_promotes_the_first_and_then_a_better_model(retrain_story):
+    weak, good = retrain_story["weak"], retrain_story["good"]
     assert weak["verdict"] == "promoted" and "no champion" in weak["decision"]["reason"]
     assert good["verdict"] == "promoted", good["decision"]
     assert good["candidate_metrics"]["cer"] < weak["candidate_metrics"]["cer"] - 0.02
     assert good["champion_merged_dir"] == good["candidate_merged_dir"] != weak["candidate_merged_dir"]
     assert good["stages"]["prepare_dataset"] == good["stages"]["evaluate_base"] == "Cached"
-    registry = cli.registry()
+    registry = retrain_story["registry after good"]
     assert [e["event"] for e in registry["history"]] == ["promoted", "promoted"]
     assert registry["champion"]["against_value"] == weak["candidate_metrics"]["cer"]
 
 
 @pytest.mark.integration
-def test_retrain_refuses_a_worse_model_and_an_unchanged_run_changes_nothing(cli, first_two):
-    weak, good = first_two
+def test_retrain_refuses_a_worse_model_and_an_unchanged_run_changes_nothing(retrain_story):
+    weak, good = retrain_story["weak"], retrain_story["good"]
     # The 2-step configuration again, now that the 100-step model is champion: its model (from the cache)
     # is judged against the champion and refused.
-    worse = cli.retrain("--set", "train.max_steps=2")
+    worse = retrain_story["worse"]
     assert worse["verdict"] == "rejected", worse["decision"]
     assert worse["stages"]["train"] == "Cached" and worse["candidate_merged_dir"] == weak["candidate_merged_dir"]
     assert worse["decision"]["champion_value"] == good["candidate_metrics"]["cer"]
@@ -302,39 +315,37 @@ def test_retrain_refuses_a_worse_model_and_an_unchanged_run_changes_nothing(cli,
     assert worse["champion_merged_dir"] == good["candidate_merged_dir"]
     assert "worse by" in worse["decision"]["reason"]
 
-    again = cli.retrain()  # nothing changed: every stage from the cache, champion kept, history as it was
+    again = retrain_story["again"]  # nothing changed: every stage from the cache, champion kept, history as it was
     assert again["verdict"] == "unchanged" and "champion kept" in again["decision"]["reason"]
     assert {again["stages"][s] for s in ("prepare_dataset", "prepare_model", "train", "export",
                                          "evaluate_base", "evaluate_finetuned")} == {"Cached"}
-    registry = cli.registry()
+    registry = retrain_story["registry after again"]
     assert [e["event"] for e in registry["history"]] == ["promoted", "promoted", "rejected"]
-    assert Path(cli.env["VLMPIPE_HOME"], registry["champion"]["merged_dir"]) == Path(good["candidate_merged_dir"])
+    assert Path(retrain_story["home"], registry["champion"]["merged_dir"]) == Path(good["candidate_merged_dir"])
 
 
 @pytest.mark.integration
-def test_rollback_restores_the_previous_champion(cli, first_two):
-    weak, _ = first_two
-    rolled = cli("rollback", "--name", "it")
-    assert weak["candidate_merged_dir"] in rolled.stdout
-    registry = cli.registry()
-    assert Path(cli.env["VLMPIPE_HOME"], registry["champion"]["merged_dir"]) == Path(weak["candidate_merged_dir"])
+def test_rollback_restores_the_previous_champion(retrain_story):
+    weak = retrain_story["weak"]
+    assert weak["candidate_merged_dir"] in retrain_story["rollback"]
+    registry = retrain_story["registry after rollback"]
+    assert Path(retrain_story["home"], registry["champion"]["merged_dir"]) == Path(weak["candidate_merged_dir"])
     assert registry["history"][-1]["event"] == "rollback"
-    # The weak model was the first champion: nothing before it.
-    refused = cli("rollback", "--name", "it", expect=1)
-    assert "no previous champion" in refused.stderr
+    # The weak model was the first champion: nothing before it (the second rollback exited 1).
+    assert "no previous champion" in retrain_story["second rollback"]
 
 
 @pytest.mark.integration
-def test_a_fresh_worse_model_is_refused_against_a_champion_scored_again_on_new_settings(cli, first_two):
+def test_a_fresh_worse_model_is_refused_against_a_champion_scored_again_on_new_settings(retrain_story):
     # A new model (3 steps) and other evaluation settings (fewer samples): the champion's recorded numbers
     # are not comparable, so the champion is served and scored again on these settings before the decision.
-    before = cli.registry()["champion"]
-    result = cli.retrain("--set", "train.max_steps=3", "--set", "evaluate.num_samples=12")
+    before = retrain_story["registry before fresh"]["champion"]
+    result = retrain_story["fresh"]
     assert result["stages"]["train"] == "Completed" and result["stages"]["evaluate_champion"] == "Completed"
     assert result["champion_metrics"]["num_samples"] == 12
     assert result["decision"]["champion_value"] == result["champion_metrics"]["cer"]
     assert result["verdict"] == "rejected", result["decision"]
-    assert cli.registry()["champion"] == before
+    assert retrain_story["registry after fresh"]["champion"] == before
 
 
 def test_intervals_on_both_sides_are_compared_not_point_values():
