@@ -104,7 +104,7 @@ def test_vllm_command_binds_loopback_bounds_requests_and_keeps_the_key_out_of_ar
 
     monkeypatch.setattr(serve, "_executable", lambda name, hint: f"/usr/bin/{name}")
     monkeypatch.setenv("ENDPOINT_KEY", "sk-canary-123")
-    argv, name, env = serve._command("vllm", tmp_path, ServeConfig(api_key_env="ENDPOINT_KEY"), 8000)
+    argv, _name, env = serve._command("vllm", tmp_path, ServeConfig(api_key_env="ENDPOINT_KEY"), 8000)
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
     assert argv[argv.index("--max-model-len") + 1] == "8192"
     assert argv[argv.index("--limit-mm-per-prompt") + 1] == '{"image": 1}'
@@ -118,7 +118,7 @@ def tiny_disk(tmp_path):
     mount_point = tmp_path / "tiny-disk"
     mount_point.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
+                             check=False, capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     yield mount_point
@@ -140,7 +140,7 @@ def test_a_full_disk_fails_with_a_clear_message_and_no_finished_output(tiny_disk
     result_path = tmp_path / "result.json"
     subprocess.run(
         [sys.executable, "-m", "modal_jobs.runner", "prepare_dataset", str(request_path), str(result_path)],
-        env={**os.environ, "VLMPIPE_HOME": str(tiny_disk)}, capture_output=True, timeout=300,
+        check=False, env={**os.environ, "VLMPIPE_HOME": str(tiny_disk)}, capture_output=True, timeout=300,
     )
     outcome = json.loads(result_path.read_text())
     assert outcome["error_type"] == "StorageFullError"
@@ -214,8 +214,10 @@ def _alive(processes) -> list:
     return [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-# The embedded default, shortened: checkpoints often enough that Ctrl-C lands after one, and a short evaluation.
-_INTERRUPTIBLE = ("--set", "train.max_steps=200", "--set", "train.save_steps=20", "--set", "evaluate.num_samples=8")
+# The embedded default, shortened: checkpoints often enough that Ctrl-C lands after one (and 80 steps before the
+# end), a third of the training images, and a short evaluation.
+_INTERRUPTIBLE = ("--set", "train.max_steps=100", "--set", "train.save_steps=20", "--set", "evaluate.num_samples=8",
+                  "--set", "dataset.synthetic.train_size=200", "--set", "evaluate.max_tokens=16")
 
 
 @pytest.mark.integration
@@ -261,7 +263,7 @@ def test_ctrl_c_during_training_returns_in_seconds_and_the_next_run_resumes(tmp_
     tail = stdout.strip().splitlines()[-3:]
     assert tail[0].startswith(f"logs:   {home / 'logs' / 'cli'}"), tail
     assert tail[1].startswith("next:   vlmpipe serve ") and tail[2].startswith(
-        "next:   vlmpipe retrain --set train.max_steps=200 --set train.save_steps=20"), tail
+        "next:   vlmpipe retrain --set train.max_steps=100 --set train.save_steps=20"), tail
 
 
 @pytest.mark.integration
