@@ -6,6 +6,7 @@ last tests run real flows on the real Prefect engine)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -186,23 +187,32 @@ def test_a_run_killed_inside_a_stage_does_not_hold_up_the_next_run(vlmpipe_home,
     lock_file = vlmpipe_home / "locks" / "prepare_dataset-datasets-killed.lock"
     first = subprocess.Popen([sys.executable, str(run_stage.path), "datasets/killed"], cwd=REPO, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    orphans: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 120
         while not lock_file.exists():
             assert first.poll() is None and time.monotonic() < deadline, "the first run never took the stage lock"
             time.sleep(0.1)
+        # Its ephemeral API server outlives a kill -9, as it would here; the test ends it, not the session.
+        orphans = psutil.Process(first.pid).children(recursive=True)
     finally:
         _kill(first)
-    assert json.loads(lock_file.read_text())["pid"] == first.pid  # left behind, as after a real kill -9
+    try:
+        assert json.loads(lock_file.read_text())["pid"] == first.pid  # left behind, as after a real kill -9
 
-    # In a thread with a bound: a run stuck on the dead run's lock waits forever, and a test must fail instead.
-    outcome: dict[str, str] = {}
-    second = threading.Thread(target=lambda: outcome.update(state=run_stage.prepare("datasets/killed")), daemon=True)
-    second.start()
-    second.join(150)
-    assert outcome.get("state") == "Completed", "the next run is still waiting on the killed run's lock"
-    assert (vlmpipe_home / "datasets" / "killed" / "vlmpipe_manifest.json").exists()
-    assert not lock_file.exists()
+        # In a thread with a bound: a run stuck on the dead run's lock waits forever, and a test must fail instead.
+        outcome: dict[str, str] = {}
+        second = threading.Thread(target=lambda: outcome.update(state=run_stage.prepare("datasets/killed")),
+                                  daemon=True)
+        second.start()
+        second.join(150)
+        assert outcome.get("state") == "Completed", "the next run is still waiting on the killed run's lock"
+        assert (vlmpipe_home / "datasets" / "killed" / "vlmpipe_manifest.json").exists()
+        assert not lock_file.exists()
+    finally:
+        for orphan in orphans:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                orphan.kill()
 
 
 def test_two_identical_runs_at_once_compute_once_and_the_second_reports_cached(vlmpipe_home, run_stage,
