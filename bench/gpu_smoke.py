@@ -22,7 +22,9 @@ Train also reports time to its first optimizer step (from the job's start) and t
 
 Results: <out>/gpu_smoke.json and <out>/gpu_smoke.md (the table, printed last). On one H200 (2026-12-02) a cold
 run (fresh storage root: every kernel compiled) took 694 s plus ~50 s to build the inputs, which is more than one
-10-minute command of the lent GPU: bench/device_smoke.sh starts it detached and collects it in a later call. A
+10-minute command of the lent GPU: bench/device_smoke.sh starts it detached and collects it in a later call. The
+smaller defaults since (256 rows, 20 steps, 8 evaluation samples) still did not fit cold: the train job alone took
+326 s, most of it before its first step (BENCHMARKS.md, "the smoke after the train-package move"). A
 warm run (same workdir, train.seed changed so train, export, consistency and the fine-tuned evaluation rerun
 with the kernels on the storage root) took 441 s.
 """
