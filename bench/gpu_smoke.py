@@ -315,6 +315,8 @@ def markdown(report: dict[str, Any]) -> str:
     if train:
         lines += ["", (f"train: {train['optimizer_steps']} optimizer steps, first at {train['first_step_s']} s after "
                        f"the job started, then {train.get('steps_per_s_after_first')} steps/s.")]
+    if report.get("train_startup_s"):
+        lines.append(f"train's time before its first step, by its own clock (s): {report['train_startup_s']}.")
     return "\n".join(lines)
 
 
@@ -330,6 +332,19 @@ def _consistency_summary(workdir: Path, result: dict[str, Any] | None) -> dict[s
         return None
     return {"passed": report.get("passed"), "checks": {c["name"]: c["passed"] for c in report.get("checks", [])},
             "merged": report.get("merged"), "memory": report.get("memory"), "timing_s": report.get("timing_s")}
+
+
+def _train_startup(workdir: Path, result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The train job's own account of its time before the first optimizer step (imports, build_trainer, first
+    step), from the adapter's manifest in the storage root."""
+    output = ((result or {}).get("stages", {}).get("train") or {}).get("output")
+    if not output:
+        return None
+    try:
+        manifest = json.loads((workdir / "home" / output / "vlmpipe_manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return manifest.get("result", {}).get("startup_s")
 
 
 def _device() -> str:
@@ -385,6 +400,7 @@ def main() -> None:
         "command_seconds": round(time.time() - started, 1), "stages": summarise(records, sampler, result),
         "card_peak_gib": round(max((gib for _, gib in sampler.samples), default=0.0), 2) or None,
         "metrics": (result or {}).get("metrics"), "consistency": _consistency_summary(workdir, result),
+        "train_startup_s": _train_startup(workdir, result),
         "processes": records,
     }
     (out / f"{args.name}.json").write_text(json.dumps(report, indent=1))

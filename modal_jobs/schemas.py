@@ -106,6 +106,13 @@ class TrainResult(Message):
     global_batch_size: int | None = Field(
         None, description="Samples per optimizer step: micro_batch x accumulation_steps x gpus."
     )
+    # Where the time before the first optimizer step goes (None in results written before it was recorded): on a
+    # GPU it is minutes cold, and the 10-minute smoke and the retrain target both hang on it.
+    startup_s: dict[str, float | None] | None = Field(
+        None, description="Seconds: 'imports' (process start to building the trainer), 'build_trainer' (model "
+                          "load, LoRA, levers), 'first_step' (train() start to the first optimizer step's end: "
+                          "compilation and one step).",
+    )
     cached: bool = False
 
 

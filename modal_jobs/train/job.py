@@ -43,6 +43,31 @@ def train(request: TrainRequest) -> TrainResult:
     return train_in_this_process(request)
 
 
+def _seconds_since_process_start() -> float | None:
+    """How long this process has lived (Linux /proc; None elsewhere): what its imports took, before any job code."""
+    try:
+        import os
+
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return round(time.time() - (boot + start_ticks / os.sysconf("SC_CLK_TCK")), 1)
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _first_step_clock(ended: list[float]):
+    """A callback noting when the first optimizer step ended (host time: the compilation before it dominates)."""
+    from transformers import TrainerCallback
+
+    class FirstStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if not ended:
+                ended.append(time.time())
+
+    return FirstStep()
+
+
 def train_in_this_process(request: TrainRequest) -> TrainResult:
     """The training itself: the whole run in a one-process job, one rank's share of it under DDP (where rank 0
     alone writes the adapter)."""
@@ -50,14 +75,24 @@ def train_in_this_process(request: TrainRequest) -> TrainResult:
 
     adapter_dir = resolve(request.adapter_dir)
     checkpoints_dir = resolve(request.checkpoints_dir)
+    startup = {"imports": _seconds_since_process_start()}
+    building = time.time()
     setup = build_trainer(request)
+    startup["build_trainer"] = round(time.time() - building, 1)
     trainer = setup.trainer
+    first_step_ended: list[float] = []
+    trainer.add_callback(_first_step_clock(first_step_ended))
     resume_from = latest_complete_checkpoint(checkpoints_dir)
     if resume_from is not None and distributed.is_rank_zero():
         print(f"resuming from {resume_from}", file=sys.stderr)
     started = time.time()
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     runtime = time.time() - started
+    # From train()'s start: the trainer's own set-up (resume included), compilation and the first step.
+    startup["first_step"] = round(first_step_ended[0] - started, 1) if first_step_ended else None
+    if distributed.is_rank_zero():
+        print(f"startup: imports {startup['imports']} s, build_trainer {startup['build_trainer']} s, first "
+              f"optimizer step {startup['first_step']} s after train() began", file=sys.stderr)
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     result = TrainResult(
@@ -75,6 +110,7 @@ def train_in_this_process(request: TrainRequest) -> TrainResult:
         micro_batch=setup.image_inputs["micro_batch"],
         accumulation_steps=setup.image_inputs["gradient_accumulation_steps"],
         global_batch_size=setup.image_inputs["global_batch_size"],
+        startup_s=startup,
     )
     if not distributed.is_rank_zero():
         return result
