@@ -5,7 +5,6 @@ Run as: executor = LocalExecutor(); executor.run("train", train_request)
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -19,21 +18,13 @@ from typing import Any
 from pydantic import BaseModel
 
 from modal_jobs.jobs import result_type
+from modal_jobs.processes import parent_death_signal
 from modal_jobs.storage import resolve, storage_root, verify_output
 from tasks.executor import PollCallback, raise_job_error
 
 POLL_INTERVAL_S = 1.0
 # Job processes this process is waiting on: a flow interrupted in its own thread stops them (stop_running_jobs).
 _RUNNING_PROCESSES: set[subprocess.Popen] = set()
-
-
-def _die_with_parent() -> None:
-    # If the orchestrating process is killed (a cancelled Prefect run), its job must not run on alone.
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def _log_tail(path: Path, lines: int = 25) -> str:
@@ -97,7 +88,8 @@ class LocalExecutor:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     env=env,
-                    preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                    # If the orchestrating process is killed (a cancelled Prefect run), its job must not run on.
+                    preexec_fn=parent_death_signal(signal.SIGKILL),  # noqa: PLW1509 (prctl only)
                 )
                 _RUNNING_PROCESSES.add(process)
                 try:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from modal_jobs.errors import INPUT_ERROR_TYPES, InputError, StorageFullError, disk_full
+from modal_jobs.processes import parent_death_signal
 from modal_jobs.schemas import TrainRequest, TrainResult
 from modal_jobs.storage import atomic_write_json, make_durable, resolve
 
@@ -88,7 +89,7 @@ def launch(request: TrainRequest) -> TrainResult:
         request_path.write_text(request.model_dump_json())
         process = subprocess.Popen(_torchrun_command(processes, request_path, result_path),
                                    env=_rank_environment(processes),
-                                   preexec_fn=_parent_death_signal(signal.SIGTERM))  # noqa: PLW1509 (prctl only)
+                                   preexec_fn=parent_death_signal(signal.SIGTERM))  # noqa: PLW1509 (prctl only)
         try:
             committed = latest_complete_checkpoint(checkpoints_dir)
             while True:
@@ -130,21 +131,6 @@ def _rank_environment(processes: int) -> dict[str, str]:
     return env
 
 
-def _parent_death_signal(sig: int) -> Callable[[], None] | None:
-    """A function that makes the calling process get `sig` when its parent dies (PR_SET_PDEATHSIG): the killed
-    job's torchrun, torchrun's processes. Resolved here, so that a forked child only calls prctl (no import, no
-    lock). None off Linux."""
-    if sys.platform != "linux":
-        return None
-    import ctypes
-
-    try:
-        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except OSError:
-        return None
-    return lambda: prctl(1, sig)
-
-
 def _outcome(result_path: Path, processes: int, code: int) -> TrainResult:
     """Rank 0's result; else the first rank's error, re-raised as bad input or as a (retryable) failure."""
     if result_path.exists():
@@ -172,7 +158,7 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     request_path, result_path = argv
-    die_with_parent = _parent_death_signal(signal.SIGKILL)
+    die_with_parent = parent_death_signal(signal.SIGKILL)
     if die_with_parent is not None:
         die_with_parent()  # torchrun's agent gone: no process trains on alone
     try:
