@@ -198,7 +198,6 @@ STAGE_SPECS: dict[str, StageSpec] = {
 }
 
 
-
 def stage_resources(stage: str, gpus: int = 1) -> tuple[float, int]:
     """(CPU cores, memory MiB) a stage's call asks for on `gpus` GPUs. Train runs one process per GPU (train.gpus),
     each with its own data loader workers and its own copy of the weights passing through host memory, so its

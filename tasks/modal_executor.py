@@ -592,11 +592,8 @@ class ModalExecutor:
             per_hour += gpu_price * count
         return per_hour
 
-    def _publish_cost(self, stage: str, wall_s: float, logger: Any, gpu: str | None = None,
-                      cpu: float | None = None, memory_mib: int | None = None) -> None:
-        if cpu is None or memory_mib is None:
-            resources = self.resources_for(stage)
-            gpu, cpu, memory_mib = resources["gpu"], resources["cpu"], resources["memory_mib"]
+    def _publish_cost(self, stage: str, wall_s: float, logger: Any, gpu: str | None, cpu: float,
+                      memory_mib: int) -> None:
         per_hour = self.hourly_price(gpu, cpu, memory_mib)
         usd = None if per_hour is None else round(per_hour * wall_s / 3600.0, 4)
         resources = f"{gpu or 'no GPU'}, {cpu:g} cores, {memory_mib / 1024:g} GiB"
