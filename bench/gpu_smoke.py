@@ -344,7 +344,8 @@ def _train_startup(workdir: Path, result: dict[str, Any] | None) -> dict[str, An
         manifest = json.loads((workdir / "home" / output / "vlmpipe_manifest.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return manifest.get("result", {}).get("startup_s")
+    result = manifest.get("result", {})
+    return {**(result.get("startup_s") or {}), "compilation": result.get("compilation")}
 
 
 def _device() -> str:
@@ -404,6 +405,10 @@ def main() -> None:
         "processes": records,
     }
     (out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+    # The jobs' own logs (the train job's compile and start-up lines among them) stay in the storage root, which
+    # does not come back from the lent GPU: keep a copy beside the table.
+    if (workdir / "home" / "logs").is_dir():
+        shutil.copytree(workdir / "home" / "logs", out / "logs", dirs_exist_ok=True)
     table = markdown(report)
     (out / f"{args.name}.md").write_text(table + "\n")
     print(table)

@@ -7,6 +7,8 @@ Paths are relative to the storage root (see `modal_jobs.storage.resolve`) unless
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from modal_jobs.config import (
@@ -112,6 +114,10 @@ class TrainResult(Message):
         None, description="Seconds: 'imports' (process start to building the trainer), 'build_trainer' (model "
                           "load, LoRA, levers), 'first_step' (train() start to the first optimizer step's end: "
                           "compilation and one step).",
+    )
+    compilation: dict[str, Any] | None = Field(
+        None, description="What torch.compile did in the job (modal_jobs.train.levers.compilation_record): frames, "
+                          "compile seconds, recompile reasons, kernel-cache hits; None where nothing was compiled.",
     )
     cached: bool = False
 

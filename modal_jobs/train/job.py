@@ -13,6 +13,7 @@ from pathlib import Path
 
 from modal_jobs.schemas import TrainRequest, TrainResult
 from modal_jobs.storage import atomic_output, is_complete, read_manifest, resolve
+from modal_jobs.train import levers
 from modal_jobs.train.setup import build_trainer
 
 # Files a Trainer checkpoint has once it is whole; a folder missing one was cut off mid-save.
@@ -90,7 +91,10 @@ def train_in_this_process(request: TrainRequest) -> TrainResult:
     runtime = time.time() - started
     # From train()'s start: the trainer's own set-up (resume included), compilation and the first step.
     startup["first_step"] = round(first_step_ended[0] - started, 1) if first_step_ended else None
+    compilation = levers.compilation_record() if setup.image_inputs.get("compiled_layers") else None
     if distributed.is_rank_zero():
+        if compilation:
+            print(f"compilation: {json.dumps(compilation)}", file=sys.stderr)
         print(f"startup: imports {startup['imports']} s, build_trainer {startup['build_trainer']} s, first "
               f"optimizer step {startup['first_step']} s after train() began", file=sys.stderr)
 
@@ -111,6 +115,7 @@ def train_in_this_process(request: TrainRequest) -> TrainResult:
         accumulation_steps=setup.image_inputs["gradient_accumulation_steps"],
         global_batch_size=setup.image_inputs["global_batch_size"],
         startup_s=startup,
+        compilation=compilation,
     )
     if not distributed.is_rank_zero():
         return result

@@ -184,3 +184,35 @@ def _switch_to_flex_attention(model: Any) -> bool:
         return False
     return True
 
+
+
+def compilation_record() -> dict[str, Any] | None:
+    """What torch.compile did in this process so far: frames compiled, their compile seconds, why any frame was
+    compiled again, and the Inductor / AOTAutograd cache hits and misses. None where nothing was compiled.
+    A cold start on a GPU spends minutes here; this says whether that was compiling or recompiling, and whether
+    the kernel caches on the storage root were used."""
+    import torch
+    from torch._dynamo.utils import counters, get_compilation_metrics
+
+    frames = list(get_compilation_metrics())
+    if not frames:
+        return None
+    reasons: dict[str, int] = {}
+    for frame in frames:
+        if frame.recompile_reason:
+            reason = frame.recompile_reason.splitlines()[0][:160]
+            reasons[reason] = reasons.get(reason, 0) + 1
+
+    def count(group: str, name: str) -> int:
+        return int(counters.get(group, {}).get(name, 0))
+
+    return {
+        "torch": torch.__version__,
+        "frames": len(frames),
+        "frame_compile_s": round(sum(f.entire_frame_compile_time_s or 0.0 for f in frames), 1),
+        "backend_compile_s": round(sum(f.backend_compile_time_s or 0.0 for f in frames), 1),
+        "recompile_reasons": dict(sorted(reasons.items(), key=lambda item: -item[1])[:8]),
+        "fx_graph_cache": {"hit": count("inductor", "fxgraph_cache_hit"), "miss": count("inductor", "fxgraph_cache_miss")},
+        "autograd_cache": {"hit": count("aot_autograd", "autograd_cache_hit"),
+                           "miss": count("aot_autograd", "autograd_cache_miss")},
+    }
