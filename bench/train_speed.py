@@ -430,6 +430,8 @@ def _run_train_job(spec: dict, name: str, features_dir: str | None, backend: str
         "peak_gib": _cuda_peak_gib(), "train_runtime_s": result.runtime_s, "job_wall_s": round(wall, 1),
         "first_loss": result.first_logged_loss, "last_loss": result.last_logged_loss,
         "first_step_after_s": round(history[0]["time"] - started, 1) if history else None,
+        # The job's own account of its start: imports, build_trainer, first step, and what torch.compile did.
+        "startup_s": result.startup_s, "compilation": result.compilation,
         # From the first logged step on: what training itself triggers, not loading and compiling.
         "garbage_collections": collections.summary(since=history[0]["time"] if history else None),
     }
