@@ -572,3 +572,38 @@ def test_an_orchestrator_named_output_is_used_and_guarded(vlmpipe_home, tmp_path
     _perturb(other, "vision_tower")
     with pytest.raises(InputError, match="other inputs"):
         encode_images(request.model_copy(update={"model_dir": str(other)}))
+
+
+def test_compiled_layers_share_one_graph_per_attention_kind(tiny_model_dir, tiny_dataset_dir, encoded):
+    """Every decoder layer of one attention kind runs one compiled graph, layer 0 (fed the frozen embeddings)
+    included: on a 4B model each graph more is a minute of cold compilation (BENCHMARKS, third-session smoke).
+    Three layers here, sliding, sliding, full (the tiny model's own two are one of each)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch._dynamo.utils import counters
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    from modal_jobs.encode import FeatureStore
+    from modal_jobs.train import LANGUAGE_TARGETS, FeatureCollator, _compile_layers, fuse_lora_forwards
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.text_config.num_hidden_layers = 3
+    config.text_config.layer_types = ["sliding_attention", "sliding_attention", "full_attention"]
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForImageTextToText.from_config(config, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=LANGUAGE_TARGETS, init_lora_weights=False))
+    fuse_lora_forwards(model)
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    _, feature_rows = _rows(tiny_dataset_dir, 4)
+    batch = FeatureCollator(processor, FeatureStore(encoded.features_dir), pad_to_multiple_of=64)(feature_rows)
+    model.train()
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        assert _compile_layers(model, recompute=True, backend="aot_eager")
+        loss, gradients = _loss_and_lora_gradients(model, batch)
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert graphs == 2, f"{graphs} compiled graphs for 2 attention kinds"
+    assert loss > 0 and all(bool(g.abs().sum() > 0) for g in gradients.values())
