@@ -607,3 +607,29 @@ def test_compiled_layers_share_one_graph_per_attention_kind(tiny_model_dir, tiny
         torch._dynamo.reset()
     assert graphs == 2, f"{graphs} compiled graphs for 2 attention kinds"
     assert loss > 0 and all(bool(g.abs().sum() > 0) for g in gradients.values())
+
+
+def test_the_compile_record_counts_frames_recompiles_and_their_reasons():
+    """What the train job reports of torch.compile (TrainResult.compilation): here one function compiled for
+    float32 and then again for float64, so two frames and one recompile with its reason; nothing compiled, None."""
+    import torch
+    from torch._dynamo.utils import clear_compilation_metrics, counters
+
+    from modal_jobs.train.levers import compilation_record
+
+    torch._dynamo.reset()
+    clear_compilation_metrics()
+    counters.clear()
+    try:
+        assert compilation_record() is None
+        double = torch.compile(lambda x: x * 2 + 1, backend="eager", dynamic=False)
+        double(torch.ones(3))
+        double(torch.ones(3, dtype=torch.float64))
+        record = compilation_record()
+    finally:
+        torch._dynamo.reset()
+        clear_compilation_metrics()
+    assert record["frames"] == 2
+    assert sum(record["recompile_reasons"].values()) == 1
+    assert "dtype" in next(iter(record["recompile_reasons"]))
+    assert record["frame_compile_s"] >= 0 and set(record["fx_graph_cache"]) == {"hit", "miss"}

@@ -185,7 +185,6 @@ def _switch_to_flex_attention(model: Any) -> bool:
     return True
 
 
-
 def compilation_record() -> dict[str, Any] | None:
     """What torch.compile did in this process so far: frames compiled, their compile seconds, why any frame was
     compiled again, and the Inductor / AOTAutograd cache hits and misses. None where nothing was compiled.
@@ -212,7 +211,8 @@ def compilation_record() -> dict[str, Any] | None:
         "frame_compile_s": round(sum(f.entire_frame_compile_time_s or 0.0 for f in frames), 1),
         "backend_compile_s": round(sum(f.backend_compile_time_s or 0.0 for f in frames), 1),
         "recompile_reasons": dict(sorted(reasons.items(), key=lambda item: -item[1])[:8]),
-        "fx_graph_cache": {"hit": count("inductor", "fxgraph_cache_hit"), "miss": count("inductor", "fxgraph_cache_miss")},
+        "fx_graph_cache": {"hit": count("inductor", "fxgraph_cache_hit"),
+                           "miss": count("inductor", "fxgraph_cache_miss")},
         "autograd_cache": {"hit": count("aot_autograd", "autograd_cache_hit"),
                            "miss": count("aot_autograd", "autograd_cache_miss")},
     }
