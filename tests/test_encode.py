@@ -603,10 +603,21 @@ def test_the_compile_record_counts_frames_recompiles_and_their_reasons():
         double(torch.ones(3))
         double(torch.ones(3, dtype=torch.float64))
         record = compilation_record()
+
+        def broken(x):
+            x = x + 1
+            torch._dynamo.graph_break()
+            return x * 2
+
+        torch.compile(broken, backend="eager")(torch.ones(3))
+        with_a_break = compilation_record()
     finally:
         torch._dynamo.reset()
         clear_compilation_metrics()
-    assert record["frames"] == 2
+    assert record["frames"] == 2 and len(record["each_frame"]) == 2
+    assert all(frame["code"].startswith("<lambda> (test_encode.py:") for frame in record["each_frame"])
+    assert record["graph_breaks"] == {}
+    assert with_a_break["graph_breaks"] and with_a_break["frames"] > record["frames"]
     assert sum(record["recompile_reasons"].values()) == 1
     assert "dtype" in next(iter(record["recompile_reasons"]))
     assert record["frame_compile_s"] >= 0 and set(record["fx_graph_cache"]) == {"hit", "miss"}

@@ -8,6 +8,7 @@ module (`modal_jobs.train.levers.FEATURES_COMPILE = False`), not on the package 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from modal_jobs.train.loss import _head_and_backbone
@@ -205,9 +206,18 @@ def compilation_record() -> dict[str, Any] | None:
     def count(group: str, name: str) -> int:
         return int(counters.get(group, {}).get(name, 0))
 
+    breaks = counters.get("graph_break", {})
     return {
         "torch": torch.__version__,
         "frames": len(frames),
+        # Which code each compiled frame was and what it cost: a graph break or a recompile shows up as a frame.
+        "each_frame": [
+            {"id": frame.compile_id, "code": f"{frame.co_name} ({Path(frame.co_filename or '?').name}:"
+                                             f"{frame.co_firstlineno})",
+             "s": round(frame.entire_frame_compile_time_s or 0.0, 1)}
+            for frame in frames[:24]
+        ],
+        "graph_breaks": {reason[:160]: int(n) for reason, n in sorted(breaks.items(), key=lambda item: -item[1])[:8]},
         "frame_compile_s": round(sum(f.entire_frame_compile_time_s or 0.0 for f in frames), 1),
         "backend_compile_s": round(sum(f.backend_compile_time_s or 0.0 for f in frames), 1),
         "recompile_reasons": dict(sorted(reasons.items(), key=lambda item: -item[1])[:8]),
