@@ -373,6 +373,26 @@ def test_packed_rows_masks_are_the_ones_transformers_builds(tiny_model_dir, tiny
     rows = int((packed["position_ids"][0] == 0).sum())
     assert theirs["full_attention"].sum() < theirs["full_attention"].numel() // rows  # rows kept apart
 
+    # The blocks too: ours come from a create_block_mask compiled with dynamic shapes (one compile per mask kind
+    # for every length), transformers' from its own builder; equal at this length and at a shorter one.
+    from torch._dynamo.utils import clear_compilation_metrics, get_compilation_metrics
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    model.set_attn_implementation("flex_attention")
+    torch._dynamo.reset()
+    clear_compilation_metrics()
+    for cut in (length, length - 40):
+        shorter = {name: value[:, :cut] if value.dim() > 1 and value.shape[1] == length else value
+                   for name, value in inputs.items()}
+        for kind, block_mask in packed_attention_masks(backbone.config, shorter).items():
+            reference = create_block_mask(block_mask.mask_mod, 1, None, cut, cut, device="cpu")  # eager
+            assert block_mask.shape[-2:] == (cut, cut)
+            assert torch.equal(block_mask.to_dense(), reference.to_dense()), (kind, cut)
+            assert torch.equal(block_mask.kv_num_blocks, reference.kv_num_blocks), (kind, cut)
+            assert torch.equal(block_mask.full_kv_num_blocks, reference.full_kv_num_blocks), (kind, cut)
+    builds = [frame for frame in get_compilation_metrics() if frame.co_name == "create_block_mask"]
+    assert len(builds) == 2, [frame.recompile_reason for frame in builds]  # one per mask kind, whatever the length
+
 
 def _cuda_available() -> bool:
     import torch

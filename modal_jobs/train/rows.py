@@ -290,7 +290,6 @@ def packed_attention_masks(config: Any, inputs: dict[str, Any]) -> dict[str, Any
         and_masks,
         blockwise_overlay,
         causal_mask_function,
-        flex_attention_mask,
         or_masks,
         packed_sequence_mask_function,
         sliding_window_overlay,
@@ -311,8 +310,6 @@ def packed_attention_masks(config: Any, inputs: dict[str, Any]) -> dict[str, Any
     step = position_ids.diff(dim=-1, prepend=position_ids[:, :1] - 1)
     same_row = packed_sequence_mask_function((step != 1).cumsum(-1))
     image_blocks = blockwise_overlay(get_block_sequence_ids_for_mask(token_types, device=embeds.device))
-    shapes = {"batch_size": embeds.shape[0], "q_length": embeds.shape[1], "kv_length": embeds.shape[1],
-              "device": embeds.device}
     masks = {}
     if "full_attention" in layer_types:
         masks["full_attention"] = or_masks(and_masks(causal_mask_function, same_row), image_blocks)
@@ -320,5 +317,22 @@ def packed_attention_masks(config: Any, inputs: dict[str, Any]) -> dict[str, Any
         masks["sliding_attention"] = and_masks(
             or_masks(causal_mask_function, image_blocks), sliding_window_overlay(text_config.sliding_window),
             same_row)
-    return {kind: flex_attention_mask(mask_function=mask, **shapes) for kind, mask in masks.items()}
+    return {kind: _block_mask(mask, embeds.shape[0], embeds.shape[1], embeds.device) for kind, mask in masks.items()}
+
+
+_compiled_create_block_mask = None
+
+
+def _block_mask(mask_function: Any, batch_size: int, length: int, device: Any) -> Any:
+    """The BlockMask that transformers' flex_attention_mask builds for a row of `length` tokens with no padding and
+    no offsets, from a create_block_mask compiled once per process with dynamic shapes. transformers compiles it
+    with static shapes, so the first batches of other lengths compiled it again for each mask kind: 4 compiles
+    instead of 2 in the H200 smoke's record (levers.compilation_record; BENCHMARKS, third session)."""
+    global _compiled_create_block_mask
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if _compiled_create_block_mask is None:
+        _compiled_create_block_mask = torch.compile(create_block_mask, dynamic=True)
+    return _compiled_create_block_mask(mask_function, batch_size, None, length, length, device=device)
 
