@@ -91,7 +91,7 @@ def train_in_this_process(request: TrainRequest) -> TrainResult:
     runtime = time.time() - started
     # From train()'s start: the trainer's own set-up (resume included), compilation and the first step.
     startup["first_step"] = round(first_step_ended[0] - started, 1) if first_step_ended else None
-    compilation = levers.compilation_record() if setup.image_inputs.get("compiled_layers") else None
+    compilation = levers.compilation_record()  # ours (compiled layers) or Unsloth's own; None if nothing compiled
     if distributed.is_rank_zero():
         if compilation:
             print(f"compilation: {json.dumps(compilation)}", file=sys.stderr)

@@ -8,6 +8,7 @@ module (`modal_jobs.train.levers.FEATURES_COMPILE = False`), not on the package 
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -197,16 +198,12 @@ def compilation_record() -> dict[str, Any] | None:
     frames = list(get_compilation_metrics())
     if not frames:
         return None
-    reasons: dict[str, int] = {}
-    for frame in frames:
-        if frame.recompile_reason:
-            reason = frame.recompile_reason.splitlines()[0][:160]
-            reasons[reason] = reasons.get(reason, 0) + 1
+    reasons = Counter(frame.recompile_reason.splitlines()[0][:160] for frame in frames if frame.recompile_reason)
+    breaks = Counter({reason[:160]: int(n) for reason, n in counters.get("graph_break", {}).items()})
 
     def count(group: str, name: str) -> int:
         return int(counters.get(group, {}).get(name, 0))
 
-    breaks = counters.get("graph_break", {})
     return {
         "torch": torch.__version__,
         "frames": len(frames),
@@ -217,10 +214,10 @@ def compilation_record() -> dict[str, Any] | None:
              "s": round(frame.entire_frame_compile_time_s or 0.0, 1)}
             for frame in frames[:24]
         ],
-        "graph_breaks": {reason[:160]: int(n) for reason, n in sorted(breaks.items(), key=lambda item: -item[1])[:8]},
+        "graph_breaks": dict(breaks.most_common(8)),
         "frame_compile_s": round(sum(f.entire_frame_compile_time_s or 0.0 for f in frames), 1),
         "backend_compile_s": round(sum(f.backend_compile_time_s or 0.0 for f in frames), 1),
-        "recompile_reasons": dict(sorted(reasons.items(), key=lambda item: -item[1])[:8]),
+        "recompile_reasons": dict(reasons.most_common(8)),
         "fx_graph_cache": {"hit": count("inductor", "fxgraph_cache_hit"),
                            "miss": count("inductor", "fxgraph_cache_miss")},
         "autograd_cache": {"hit": count("aot_autograd", "autograd_cache_hit"),
