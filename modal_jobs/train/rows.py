@@ -280,20 +280,18 @@ def merge_image_features(model: Any, inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 def packed_attention_masks(config: Any, inputs: dict[str, Any]) -> dict[str, Any] | None:
-    """Gemma 3's FlexAttention masks for one packed row, keyed by layer type, as transformers builds them from
-    position_ids and token_type_ids (tests/test_encode.py compares the two), without reading anything back.
+    """Gemma 3's FlexAttention masks for one packed row, keyed by layer type: the (query, key) pairs that
+    transformers' own masks allow for the same position_ids and token_type_ids (tests/test_encode.py compares the
+    two), built without reading anything back and with one mask function for both layer kinds.
 
     transformers first checks on the host whether the positions are packed at all, once per mask (three times a
-    forward): each check empties the GPU's queue. Here the row is packed by construction. None where the model
-    is not Gemma 3 under FlexAttention (these are Gemma3Model's masks); the model then builds its own."""
-    from transformers.masking_utils import (
-        and_masks,
-        blockwise_overlay,
-        causal_mask_function,
-        or_masks,
-        packed_sequence_mask_function,
-        sliding_window_overlay,
-    )
+    forward): each check empties the GPU's queue. Here the row is packed by construction. Its masks are two
+    different functions (compositions of and_masks and or_masks), and torch.compile guards on a mask's code: the
+    layer compiled for one kind was compiled again for the other, and so was create_block_mask. Here the kinds
+    differ only in tensors the function reads, so both share one compiled layer and one compiled mask builder.
+    None where the model is not Gemma 3 under FlexAttention (these are Gemma3Model's masks); the model then
+    builds its own."""
+    import torch
     from transformers.models.gemma3.modeling_gemma3 import (
         get_block_sequence_ids_for_mask,
     )
@@ -306,18 +304,37 @@ def packed_attention_masks(config: Any, inputs: dict[str, Any]) -> dict[str, Any
             or not layer_types <= {"full_attention", "sliding_attention"}):
         return None
     embeds, position_ids = inputs["inputs_embeds"], inputs["position_ids"].to(inputs["inputs_embeds"].device)
-    # transformers' find_packed_sequence_indices, less its host-side "is anything packed?" branch.
+    batch_size, length, device = embeds.shape[0], embeds.shape[1], embeds.device
+    # A new row starts wherever the position does not follow on (transformers' find_packed_sequence_indices).
     step = position_ids.diff(dim=-1, prepend=position_ids[:, :1] - 1)
-    same_row = packed_sequence_mask_function((step != 1).cumsum(-1))
-    image_blocks = blockwise_overlay(get_block_sequence_ids_for_mask(token_types, device=embeds.device))
-    masks = {}
-    if "full_attention" in layer_types:
-        masks["full_attention"] = or_masks(and_masks(causal_mask_function, same_row), image_blocks)
-    if "sliding_attention" in layer_types:
-        masks["sliding_attention"] = and_masks(
-            or_masks(causal_mask_function, image_blocks), sliding_window_overlay(text_config.sliding_window),
-            same_row)
-    return {kind: _block_mask(mask, embeds.shape[0], embeds.shape[1], embeds.device) for kind, mask in masks.items()}
+    row_ids = (step != 1).cumsum(-1)
+    image_ids = get_block_sequence_ids_for_mask(token_types, device=device)
+
+    def scalar(value: int | bool, dtype: Any) -> Any:
+        return torch.full((), value, dtype=dtype, device=device)  # a fill on the device: no host-to-device copy
+
+    unbounded = 2 ** 30  # a window no row reaches: the full layers'
+    kinds = {"full_attention": (unbounded, False),
+             "sliding_attention": (getattr(text_config, "sliding_window", None) or unbounded, True)}
+    return {kind: _block_mask(_packed_row_mask(row_ids, image_ids, scalar(window, torch.int32),
+                                               scalar(sliding, torch.bool)), batch_size, length, device)
+            for kind, (window, sliding) in kinds.items() if kind in layer_types}
+
+
+def _packed_row_mask(row_ids: Any, image_ids: Any, window: Any, sliding: Any) -> Any:
+    """Gemma 3's mask over a packed row, for either layer kind (`sliding`, a boolean tensor):
+    full:    (causal and same row) or same image
+    sliding: (causal or same image) and same row and within the window (`window`, an int tensor)
+    where an image's tokens see each other both ways, as in transformers' blockwise_overlay."""
+
+    def packed_row_mask(batch_idx: Any, head_idx: Any, q_idx: Any, kv_idx: Any) -> Any:
+        same_row = row_ids[batch_idx, q_idx] == row_ids[batch_idx, kv_idx]
+        q_image = image_ids[batch_idx, q_idx]
+        same_image = (q_image == image_ids[batch_idx, kv_idx]) & (q_image >= 0)
+        allowed = ((kv_idx <= q_idx) & same_row) | same_image
+        return allowed & (same_row | ~sliding) & (kv_idx > q_idx - window)
+
+    return packed_row_mask
 
 
 _compiled_create_block_mask = None
@@ -326,8 +343,9 @@ _compiled_create_block_mask = None
 def _block_mask(mask_function: Any, batch_size: int, length: int, device: Any) -> Any:
     """The BlockMask that transformers' flex_attention_mask builds for a row of `length` tokens with no padding and
     no offsets, from a create_block_mask compiled once per process with dynamic shapes. transformers compiles it
-    with static shapes, so the first batches of other lengths compiled it again for each mask kind: 4 compiles
-    instead of 2 in the H200 smoke's record (levers.compilation_record; BENCHMARKS, third session)."""
+    with static shapes, so the first batches of other lengths compiled it again, for each mask kind: 4 compiles in
+    the H200 smoke's record (levers.compilation_record; BENCHMARKS, third session). With dynamic shapes and one
+    mask function for both kinds (packed_attention_masks), it compiles once."""
     global _compiled_create_block_mask
     import torch
     from torch.nn.attention.flex_attention import create_block_mask
