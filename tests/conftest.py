@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,10 @@ import pytest
 from modal_jobs import hub
 from tests import whole_runs
 from tests.whole_runs import whole_run
+
+# Every Prefect API server that a test starts (in-process flows, subprocesses that inherit this) gets 120 s to come
+# up: Prefect's 20 s default timed out on a loaded 2-core CI machine.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 @pytest.fixture(autouse=True)

@@ -176,7 +176,7 @@ def run_stage(tmp_path_factory):
 def prefect_engine():
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=120):
         yield
 
 

@@ -32,7 +32,7 @@ FAST = {"poll_interval_s": 0.5}
 
 @pytest.fixture(scope="module", autouse=True)
 def prefect_engine():
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=120):
         yield
 
 
