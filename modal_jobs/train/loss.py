@@ -40,8 +40,8 @@ def labelled_token_loss(model: Any, inputs: dict[str, Any], chunk_tokens: int = 
     if torch.is_grad_enabled() and not inputs["inputs_embeds"].requires_grad:
         # torch.compile specialises a layer on whether its input requires grad. The frozen embeddings do not, so
         # layer 0 alone would need a compiled graph of its own (forward and backward), one of three for Gemma 3
-        # on an H200 (levers.compilation_record). Asking for the embeddings' gradient keeps every layer on one
-        # graph per attention kind, for the cost of layer 0's input-gradient matmuls.
+        # on an H200 (levers.compilation_record). Asking for the embeddings' gradient keeps layer 0 on the graph
+        # the other layers share, for the cost of its input-gradient matmuls.
         inputs["inputs_embeds"] = inputs["inputs_embeds"].detach().requires_grad_()
     labels = inputs.pop("labels")
     backbone, head = _head_and_backbone(model)
