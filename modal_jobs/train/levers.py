@@ -148,9 +148,10 @@ def _recomputed(forward: Any, checkpoint_kwargs: dict[str, Any]) -> Any:
 def _compile_layers(model: Any, recompute: bool | str = False, backend: str = "inductor") -> bool:
     """torch.compile each decoder layer of the language model in place, shapes dynamic: the layers share their
     compiled graph (packed rows: one for both of Gemma 3's layer kinds, whose masks differ only in tensors; padded
-    batches: one per kind, whose masks differ in layout). With `recompute` (True, or "selective" for `selective_checkpoint_kwargs`' policy) the
-    layer's activations are recomputed in the backward pass by a checkpoint *inside* the compiled region, where the
-    compiler sees both passes and the policy sees its matmuls (around a compiled layer, it sees one opaque call).
+    batches: one per kind, whose masks differ in layout). With `recompute` (True, or "selective" for
+    `selective_checkpoint_kwargs`' policy) the layer's activations are recomputed in the backward pass by a
+    checkpoint *inside* the compiled region, where the compiler sees both passes and the policy sees its matmuls
+    (around a compiled layer, it sees one opaque call).
     False, with the reason on stderr, where the model has no such layer list."""
     import torch
 
