@@ -185,7 +185,8 @@ def deployment_run_from_the_shell(root: Path) -> dict:
             seen["embedded_runs"] = runs = client.read_flow_runs(
                 deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[embedded.id])))
             seen["artifacts"] = [
-                client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+                client.read_artifacts(
+                    artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
                 for run in runs]
     finally:
         for proc in reversed(procs):
