@@ -5,13 +5,16 @@
 # Here, once (from the repository root; .carry/ is git-ignored, 64 MiB at most travel):
 #   bash ../shared/gpu/make_site.sh && (cd .site && tar cf - . | xz -6 > ../.carry/site.tar.xz)
 #   .carry/deps.tar.xz: the flow's own packages the image lacks (Prefect, openai, fastapi, uvicorn, ...: unpacked
-#     cp312 manylinux wheels; `python -m bench.gpu_smoke --tiny --record-modules` lists what a run imports)
+#     cp312 manylinux wheels; `python -m bench.gpu_smoke --tiny --record-modules` lists what a run imports;
+#     add pytest, pytest-timeout and psutil for `gputest`)
 #   git archive HEAD | xz > .carry/src.tar.xz   (optional: runs the committed code, not a half-edited tree)
 # Device calls (carry [".carry"]):
 #   bash bench/device_smoke.sh start "NAME [gpu_smoke args]" ...   unpack (once), check imports, then run each
 #                                                                   NAME in turn, detached, on one storage root
 #   bash bench/device_smoke.sh bench [train_speed args]             the fair training bench, detached (NAME: bench)
 #   bash bench/device_smoke.sh wait NAME SECONDS                    wait for NAME (at most SECONDS), collect it
+#   bash bench/device_smoke.sh gputest                              the tests that need a GPU (tests/test_encode.py
+#                                                                   skips them on a CPU), in the foreground
 # What comes back under $OUT: NAME.md (the table), NAME.json, NAME.log (the flow's stderr), NAME.out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +39,9 @@ export PYTHONPATH=/tmp/carry/site:/tmp/carry/deps:$PWD PYTHONUNBUFFERED=1
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 HF_HUB_OFFLINE=1
 
 case $action in
+gputest)
+  python3 -m pytest -p no:cacheprovider -q tests/test_encode.py -k gpu 2>&1 | tail -15
+  ;;
 start)
   python3 -c "import prefect, openai, fastapi, uvicorn, trl, datasets, jiwer, flows.cli, torch; \
 print('imports ok; torch', torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))" || exit 1
