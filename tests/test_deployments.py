@@ -26,7 +26,9 @@ import pytest
 from tests import whole_runs
 from tests.whole_runs import whole_run
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+# Generous: the run goes on in the background at nice 10, beside the tests, on a CI machine of 2 cores that may be
+# ~2x slower than the one that measured it (whole in ~130 s in the foreground there).
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -77,7 +79,7 @@ def _stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90.0) -> None:
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -148,7 +150,7 @@ def deployment_run_from_the_shell(root: Path) -> dict:
         _wait_healthy(api_url, server, server_log)
 
         deployed = whole_runs.run([sys.executable, "-m", "deployments.deploy", "--pool", POOL], env=env, cwd=REPO,
-                                  timeout=120)
+                                  timeout=300)
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
 
         with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
@@ -177,7 +179,7 @@ def deployment_run_from_the_shell(root: Path) -> dict:
         procs.append(worker)
 
         command = f"prefect deployment run 'finetune-pipeline/embedded' --params {shlex.quote(params)} --watch"
-        ran = whole_runs.run(["bash", "-c", command], env=env, cwd=root, timeout=300)
+        ran = whole_runs.run(["bash", "-c", command], env=env, cwd=root, timeout=900)
         assert ran.returncode == 0, f"{ran.stdout}\n{ran.stderr}\n--- worker log ---\n{_tail(worker_log)}"
 
         with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
