@@ -20,13 +20,12 @@ peaks and the time of each optimizer step; a thread samples the whole card (`nvi
 the CUDA context's ~0.5 GiB is not in it) and the card's peak while it ran (servers that were up included).
 Train also reports time to its first optimizer step (from the job's start) and the rate after it.
 
-Results: <out>/gpu_smoke.json and <out>/gpu_smoke.md (the table, printed last). On one H200 (2026-12-02) a cold
-run (fresh storage root: every kernel compiled) took 694 s plus ~50 s to build the inputs, which is more than one
-10-minute command of the lent GPU: bench/device_smoke.sh starts it detached and collects it in a later call. The
-smaller defaults since (256 rows, 20 steps, 8 evaluation samples) still did not fit cold: the train job alone took
-326 s, most of it before its first step (BENCHMARKS.md, "the smoke after the train-package move"). A
-warm run (same workdir, train.seed changed so train, export, consistency and the fine-tuned evaluation rerun
-with the kernels on the storage root) took 441 s.
+Results: <out>/gpu_smoke.json and <out>/gpu_smoke.md (the table, printed last). On one H200 (2026-12-02, fifth
+session) a cold run (fresh machine and storage root: every kernel compiled) took 430 s, 475 s with its inputs
+built: it fits one 10-minute command of the lent GPU. bench/device_smoke.sh still starts it detached and collects it
+in a later call, so that one call can also run the GPU tests or a second smoke. A warm run (same workdir,
+train.seed changed so train, export, consistency and the fine-tuned evaluation rerun with the kernels on the
+storage root) took 272 s (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -47,7 +46,7 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parent.parent
 # Small enough that a cold run (every kernel compiled) with its inputs built fits one 10-minute command of the lent
-# GPU: the 30-step, 16-sample version took 694 s + 50 s on an H200, most of it compilation and generation.
+# GPU: the 30-step, 16-sample version took 694 s + 50 s on an H200; these settings 475 s in all (2026-12-02).
 SMOKE_SETTINGS = ["train.max_steps=20", "evaluate.num_samples=8", "evaluate.max_tokens=48"]
 TINY_SETTINGS = ["train.max_steps=8", "evaluate.num_samples=8", "evaluate.max_tokens=16"]
 # Table order: the flow's stages as it runs them.
