@@ -112,8 +112,9 @@ class TrainResult(Message):
     # GPU it is minutes cold, and the 10-minute smoke and the retrain target both hang on it.
     startup_s: dict[str, float | None] | None = Field(
         None, description="Seconds: 'imports' (process start to building the trainer), 'build_trainer' (model "
-                          "load, LoRA, levers), 'first_step' (train() start to the first optimizer step's end: "
-                          "compilation and one step).",
+                          "load, LoRA, levers; its parts as 'build_trainer.inputs', '.load_model', '.trainer', "
+                          "'.levers'), 'first_step' (train() start to the first optimizer step's end: compilation "
+                          "and one step).",
     )
     compilation: dict[str, Any] | None = Field(
         None, description="What torch.compile did in the job (modal_jobs.train.levers.compilation_record): frames, "

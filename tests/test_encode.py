@@ -655,7 +655,7 @@ def test_the_compile_record_counts_frames_recompiles_and_their_reasons():
     import torch
     from torch._dynamo.utils import clear_compilation_metrics, counters
 
-    from modal_jobs.train.levers import compilation_record
+    from modal_jobs.train.levers import _compile_phases, compilation_record
 
     torch._dynamo.reset()
     clear_compilation_metrics()
@@ -684,3 +684,6 @@ def test_the_compile_record_counts_frames_recompiles_and_their_reasons():
     assert sum(record["recompile_reasons"].values()) == 1
     assert "dtype" in next(iter(record["recompile_reasons"]))
     assert record["frame_compile_s"] >= 0 and set(record["fx_graph_cache"]) == {"hit", "miss"}
+    # torch's phase timers, longest first; the ones too short to matter left out.
+    assert list(record["phases_s"].values()) == sorted(record["phases_s"].values(), reverse=True)
+    assert _compile_phases((["trace", "load", "guards"], ["1.26", "3.0", "0.01"])) == {"load": 3.0, "trace": 1.3}

@@ -38,8 +38,12 @@ def test_train_learns_an_adapter_on_language_layers_only(vlmpipe_home, tiny_mode
     assert result.last_logged_loss < result.first_logged_loss
     # Where the time before the first step went, each part measured (the test process has lived for a while).
     startup = result.startup_s
-    assert set(startup) == {"imports", "build_trainer", "first_step"}
+    parts = {"build_trainer.inputs", "build_trainer.load_model", "build_trainer.trainer", "build_trainer.levers"}
+    assert set(startup) == {"imports", "build_trainer", "first_step"} | parts
     assert startup["imports"] > 0 and startup["build_trainer"] >= 0 and 0 <= startup["first_step"] <= result.runtime_s
+    # The parts add up to the whole, give or take each one's rounding.
+    assert abs(sum(startup[part] for part in parts) - startup["build_trainer"]) <= 0.25
+    assert startup["build_trainer.load_model"] > 0
     weights = load_file(adapter / "adapter_model.safetensors")
     assert weights and all("language_model" in name for name in weights)
     # LoRA's B matrices start at zero: any non-zero B means the optimiser moved the adapter.

@@ -80,6 +80,7 @@ def train_in_this_process(request: TrainRequest) -> TrainResult:
     building = time.time()
     setup = build_trainer(request)
     startup["build_trainer"] = round(time.time() - building, 1)
+    startup.update({f"build_trainer.{part}": seconds for part, seconds in setup.seconds.items()})
     trainer = setup.trainer
     first_step_ended: list[float] = []
     trainer.add_callback(_first_step_clock(first_step_ended))

@@ -195,7 +195,7 @@ def compilation_record() -> dict[str, Any] | None:
     A cold start on a GPU spends minutes here; this says whether that was compiling or recompiling, and whether
     the kernel caches on the storage root were used."""
     import torch
-    from torch._dynamo.utils import counters, get_compilation_metrics
+    from torch._dynamo.utils import compile_times, counters, get_compilation_metrics
 
     frames = list(get_compilation_metrics())
     if not frames:
@@ -224,4 +224,16 @@ def compilation_record() -> dict[str, Any] | None:
                            "miss": count("inductor", "fxgraph_cache_miss")},
         "autograd_cache": {"hit": count("aot_autograd", "autograd_cache_hit"),
                            "miss": count("aot_autograd", "autograd_cache_miss")},
+        # With every kernel cached the one layer graph still took ~63 s to load on an H200 (BENCHMARKS.md, fifth
+        # session): torch's own phase timers say whether that is Dynamo's tracing, the cache lookups or loading
+        # the kernels. Nested: a phase's seconds include those of the phases it calls.
+        "phases_s": _compile_phases(compile_times(repr="csv", aggregate=True)),
     }
+
+
+def _compile_phases(timers: tuple[list[str], list[Any]], at_least_s: float = 0.5, most: int = 16) -> dict[str, float]:
+    """torch's compile phase timers (`compile_times(repr="csv", aggregate=True)`: names and total seconds), the
+    `most` longest of at least `at_least_s`, longest first."""
+    names, seconds = timers
+    timed = sorted(((float(total), name) for name, total in zip(names, seconds, strict=True)), reverse=True)
+    return {name: round(total, 1) for total, name in timed[:most] if total >= at_least_s}

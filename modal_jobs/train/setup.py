@@ -173,12 +173,16 @@ def _load_unsloth(request: TrainRequest, model_dir: Path, gradient_checkpointing
 class TrainerSetup:
     """A built trainer and how it was built (what `train` runs; the benchmark and the tests use it too)."""
 
-    def __init__(self, trainer: Any, processor: Any, rows: Any, backend: str, image_inputs: dict[str, Any]):
+    def __init__(self, trainer: Any, processor: Any, rows: Any, backend: str, image_inputs: dict[str, Any],
+                 seconds: dict[str, float] | None = None):
         self.trainer = trainer
         self.processor = processor
         self.rows = rows
         self.backend = backend
         self.image_inputs = image_inputs
+        # Building it, by part: inputs (data checked and read), load_model (transformers' import, the weights),
+        # trainer (LoRA, the rows, TRL's trainer), levers (compiled layers, fused LoRA).
+        self.seconds = seconds or {}
 
 
 @dataclass(frozen=True)
@@ -203,6 +207,9 @@ class LeverChoice:
 def build_trainer(request: TrainRequest) -> TrainerSetup:
     """The trainer `train` runs, built so that a bad model folder, split or image fails before weights load.
     With train.gpus > 1, the trainer of one of that many processes (modal_jobs.train.distributed)."""
+    # Seconds each part took (TrainResult.startup_s): the warm start is a target of its own (issue 17).
+    took: dict[str, float] = {}
+    began = time.time()
     _check_process_count(request)
     model_dir = _checked_model_dir(request)
     backend = _backend_imported_first(request)
@@ -210,7 +217,9 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
     plan = plan_image_inputs(request)
     # Pixel rows decode every image: do it before loading the weights, so a broken image fails first.
     pixel_rows = None if plan["features_dir"] is not None else _pixel_rows(request, train_split)
+    took["inputs"], began = round(time.time() - began, 1), time.time()
     model, processor, peft_config = _load_model(request, model_dir, backend, plan["features_dir"] is not None)
+    took["load_model"], began = round(time.time() - began, 1), time.time()
     plan = _plan_checked_against_processor(plan, processor, backend)
     choice = _choose_levers(request, backend, plan["features_dir"] is not None, model)
     args = _training_arguments(request, model_dir, backend, choice)
@@ -225,8 +234,11 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
         callbacks=[_progress_callback(resolve(request.output_dir) / "progress.json")],
         **collator_args,
     )
+    took["trainer"], began = round(time.time() - began, 1), time.time()
     compiled, fused_lora = _apply_model_levers(trainer, backend, choice)
-    return TrainerSetup(trainer, processor, rows, backend, _image_inputs_record(plan, choice, compiled, fused_lora))
+    took["levers"] = round(time.time() - began, 1)
+    return TrainerSetup(trainer, processor, rows, backend, _image_inputs_record(plan, choice, compiled, fused_lora),
+                        took)
 
 
 def _check_process_count(request: TrainRequest) -> None:
