@@ -96,7 +96,8 @@ def train_in_this_process(request: TrainRequest) -> TrainResult:
     if distributed.is_rank_zero():
         if compilation:
             print(f"compilation: {json.dumps(compilation)}", file=sys.stderr)
-        print(f"startup: imports {startup['imports']} s, build_trainer {startup['build_trainer']} s, first "
+        parts = ", ".join(f"{key.split('.', 1)[1]} {seconds}" for key, seconds in startup.items() if "." in key)
+        print(f"startup: imports {startup['imports']} s, build_trainer {startup['build_trainer']} s ({parts}), first "
               f"optimizer step {startup['first_step']} s after train() began", file=sys.stderr)
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
