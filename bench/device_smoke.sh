@@ -15,7 +15,8 @@
 #   bash bench/device_smoke.sh wait NAME SECONDS                    wait for NAME (at most SECONDS), collect it
 #   bash bench/device_smoke.sh gputest                              the tests that need a GPU (tests/test_encode.py
 #                                                                   skips them on a CPU), in the foreground
-# What comes back under $OUT: NAME.md (the table), NAME.json, NAME.log (the flow's stderr), NAME.out.
+# What comes back under $OUT: NAME.md (the table), NAME.json, NAME.log (the flow's stderr), NAME.out and
+# NAME-logs.tar.gz (every job's log: train's holds its compile phases and start-up parts).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 action=$1; shift
@@ -70,7 +71,8 @@ wait)
     || echo "$name still running after ${waited}s"
   cp "$work/$name.out" "$work/out-$name/"* "$OUT/" 2>/dev/null
   tail -3 "$work/$name.out" 2>/dev/null
-  cp -r "$work/out-$name/logs" "$OUT/" 2>/dev/null
+  # One archive: the device tool brings back only a few files a call, and a smoke writes a log per job.
+  [ -d "$work/out-$name/logs" ] && tar czf "$OUT/$name-logs.tar.gz" -C "$work/out-$name" logs
   cat "$work/out-$name/$name.md" "$work/out-$name/train_speed.md" 2>/dev/null || tail -25 "$work/out-$name/$name.log" 2>/dev/null
   nvidia-smi --query-gpu=memory.used --format=csv,noheader
   ;;
