@@ -687,3 +687,38 @@ def test_the_compile_record_counts_frames_recompiles_and_their_reasons():
     # torch's phase timers, longest first; the ones too short to matter left out.
     assert list(record["phases_s"].values()) == sorted(record["phases_s"].values(), reverse=True)
     assert _compile_phases((["trace", "load", "guards"], ["1.26", "3.0", "0.01"])) == {"load": 3.0, "trace": 1.3}
+
+
+def test_selective_recomputation_keeps_the_wide_matmuls_only_when_told(tiny_model_dir, monkeypatch):
+    """The policy recomputes element-wise work, keeps matmul outputs, and recomputes those wider than
+    `max_saved_width` (the MLP's gate/up); `levers.FEATURES_RECOMPUTE_WIDE_MATMULS` decides whether the compiled
+    layers pass the hidden size as that width or keep every matmul (bench.train_speed's ours_keep_mlp)."""
+    import torch
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from modal_jobs.train import levers
+
+    aten = torch.ops.aten
+    narrow, wide = torch.empty(8, 16), torch.empty(8, 64)
+
+    def policy(width):
+        return levers.selective_checkpoint_kwargs(max_saved_width=width)["context_fn"].args[0]
+
+    assert policy(32)(None, aten.mm.default, narrow, narrow) == CheckpointPolicy.MUST_SAVE
+    assert policy(32)(None, aten.mm.default, narrow, wide) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert policy(None)(None, aten.mm.default, narrow, wide) == CheckpointPolicy.MUST_SAVE
+    assert policy(None)(None, aten.mul.Tensor, wide, wide) == CheckpointPolicy.PREFER_RECOMPUTE
+
+    model, _ = _tiny_lora_model(tiny_model_dir)
+    asked = []
+    real = levers.selective_checkpoint_kwargs
+    monkeypatch.setattr(levers, "selective_checkpoint_kwargs",
+                        lambda max_saved_width=None: asked.append(max_saved_width) or real(max_saved_width))
+    hidden_size = model.config.get_text_config().hidden_size
+    try:
+        for recompute_wide in (True, False):
+            monkeypatch.setattr(levers, "FEATURES_RECOMPUTE_WIDE_MATMULS", recompute_wide)
+            assert levers._compile_layers(model, recompute="selective", backend="eager")
+    finally:
+        torch._dynamo.reset()
+    assert asked == [hidden_size, None]

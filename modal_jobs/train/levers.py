@@ -25,6 +25,11 @@ FEATURES_MAX_MICRO_BATCH = 16
 # selective inside the compiled layers 51.6 samples/s at 18.1 GiB, full recomputation inside 42.4 at 12.3,
 # around them 39.6 at 12.3; none at all kept ~3 GiB a sample (16 x 1 peaked at 53 GiB under the trainer).
 FEATURES_GRADIENT_CHECKPOINTING: bool | str = "selective"
+# Under "selective", also recompute the matmul outputs wider than the hidden size (the MLP's gate and up
+# projections). Recomputing them is about a fifth of a Gemma 3 4B layer's matmul work in a LoRA step (20 of
+# ~92 units: forward 36, input gradients 36); keeping them costs 2 x 10,240 bf16 values a token a layer, ~6.6 GiB
+# for 16 rows of ~320 tokens. bench.train_speed's ours_keep_mlp measures the trade (not yet run on a GPU).
+FEATURES_RECOMPUTE_WIDE_MATMULS = True
 # torch.compile each decoder layer (CUDA only; dynamic shapes): fuses element-wise work and cuts launches.
 # Compiling costs ~1-2 minutes once per process; a couple of early batches recompile (duck-sized mask shapes).
 FEATURES_COMPILE = True
@@ -167,9 +172,10 @@ def _compile_layers(model: Any, recompute: bool | str = False, backend: str = "i
     # rather than failing at its first step.
     dynamo.suppress_errors = True
     # Selective: keep matmul outputs no wider than the hidden size (attention projections, down projection);
-    # recompute the MLP's wide gate/up outputs, which hold most of the memory for under half of the matmul work.
+    # recompute the MLP's wide gate/up outputs, which hold most of the memory (FEATURES_RECOMPUTE_WIDE_MATMULS).
     hidden_size = getattr(model.config.get_text_config(), "hidden_size", None)
-    checkpoint_kwargs = (selective_checkpoint_kwargs(max_saved_width=hidden_size) if recompute == "selective"
+    max_saved_width = hidden_size if FEATURES_RECOMPUTE_WIDE_MATMULS else None
+    checkpoint_kwargs = (selective_checkpoint_kwargs(max_saved_width=max_saved_width) if recompute == "selective"
                          else {"use_reentrant": False})
     for layer in layers:
         if recompute:
