@@ -42,8 +42,9 @@ def test_train_learns_an_adapter_on_language_layers_only(vlmpipe_home, tiny_mode
     assert set(startup) == {"imports", "build_trainer", "first_step"} | parts
     assert startup["imports"] > 0 and startup["build_trainer"] >= 0 and 0 <= startup["first_step"] <= result.runtime_s
     # The parts add up to the whole, give or take each one's rounding.
+    # (each is rounded to 0.1 s: the tiny model loads in less, so a part may read 0.0)
+    assert all(startup[part] >= 0 for part in parts)
     assert abs(sum(startup[part] for part in parts) - startup["build_trainer"]) <= 0.25
-    assert startup["build_trainer.load_model"] > 0
     weights = load_file(adapter / "adapter_model.safetensors")
     assert weights and all("language_model" in name for name in weights)
     # LoRA's B matrices start at zero: any non-zero B means the optimiser moved the adapter.
