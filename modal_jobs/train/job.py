@@ -96,7 +96,7 @@ def train_in_this_process(request: TrainRequest) -> TrainResult:
     if distributed.is_rank_zero():
         if compilation:
             print(f"compilation: {json.dumps(compilation)}", file=sys.stderr)
-        parts = ", ".join(f"{key.split('.', 1)[1]} {seconds}" for key, seconds in startup.items() if "." in key)
+        parts = ", ".join(f"{part} {seconds}" for part, seconds in setup.seconds.items())
         print(f"startup: imports {startup['imports']} s, build_trainer {startup['build_trainer']} s ({parts}), first "
               f"optimizer step {startup['first_step']} s after train() began", file=sys.stderr)
 
