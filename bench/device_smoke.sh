@@ -13,6 +13,7 @@
 #                                                                   NAME in turn, detached, on one storage root
 #   bash bench/device_smoke.sh bench [train_speed args]             the fair training bench, detached (NAME: bench)
 #   bash bench/device_smoke.sh wait NAME SECONDS                    wait for NAME (at most SECONDS), collect it
+#   bash bench/device_smoke.sh probe [attention_probe args]         bench.attention_probe in the foreground (~4 min)
 #   bash bench/device_smoke.sh gputest                              the tests that need a GPU (tests/test_encode.py
 #                                                                   skips them on a CPU), in the foreground
 # What comes back under $OUT: NAME.md (the table), NAME.json, NAME.log (the flow's stderr), NAME.out and
@@ -55,6 +56,10 @@ print('imports ok; torch', torch.__version__, torch.cuda.is_available() and torc
   done
   setsid nohup bash -c "$script" >/dev/null 2>&1 </dev/null &
   echo "started: $*"
+  ;;
+probe)
+  python3 -m bench.attention_probe --out "$OUT" "$@" >"$OUT/attention_probe.log" 2>&1
+  echo "attention_probe exited $?"; grep -E '^(encode|train) ' "$OUT/attention_probe.log" || tail -20 "$OUT/attention_probe.log"
   ;;
 bench)
   # bench.train_speed's fair comparison ((b), (b'), (c) from cold kernel caches), detached: collect it with
