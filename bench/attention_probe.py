@@ -79,7 +79,7 @@ def encode_attention() -> dict[str, Any]:
             qp, kp, vp = (F.pad(t, pad) if width > d else t for t in (q, k, v))
             try:
                 with torch.inference_mode(), sdpa_kernel([backend]):
-                    def run():
+                    def run(qp=qp, kp=kp, vp=vp):
                         return F.scaled_dot_product_attention(qp, kp, vp, scale=scale)
 
                     seconds = _timed(run)
@@ -155,7 +155,8 @@ def train_attention(autotune: bool) -> dict[str, Any]:
             out[name] = {"forward_ms": round(1e3 * forward_s, 3), "backward_ms": round(1e3 * backward_s, 3),
                          "forward_tflops": round(forward_flops / forward_s / 1e12, 1),
                          "backward_tflops": round(2.5 * forward_flops / backward_s / 1e12, 1),
-                         "step_ms_34_layers": round(34e3 * both_s, 1), "compile_and_time_s": round(time.time() - started, 1),
+                         "step_ms_34_layers": round(34e3 * both_s, 1),
+                         "compile_and_time_s": round(time.time() - started, 1),
                          "sparsity_percent": round(float(block_mask.sparsity()), 1)}
         except Exception as error:
             out[name] = {"error": f"{type(error).__name__}: {str(error)[:200]}"}

@@ -284,6 +284,15 @@ def _cuda_peak_gib() -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
+def _cuda_peak_reserved_gib() -> float | None:
+    """What the allocator held at its peak (allocated plus its cache): closer to what the card must have."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_reserved() / 2**30, 2)
+
+
 def _reset_peak() -> None:
     import gc
 
@@ -427,7 +436,8 @@ def _run_train_job(spec: dict, name: str, features_dir: str | None, backend: str
         "samples_per_step": step_samples,
         **_sustained([(h["step"], h["time"]) for h in history if h["step"] <= (timed_until or max_steps)],
                      step_samples),
-        "peak_gib": _cuda_peak_gib(), "train_runtime_s": result.runtime_s, "job_wall_s": round(wall, 1),
+        "peak_gib": _cuda_peak_gib(), "peak_reserved_gib": _cuda_peak_reserved_gib(),
+        "train_runtime_s": result.runtime_s, "job_wall_s": round(wall, 1),
         "first_loss": result.first_logged_loss, "last_loss": result.last_logged_loss,
         "first_step_after_s": round(history[0]["time"] - started, 1) if history else None,
         # The job's own account of its start: imports, build_trainer, first step, and what torch.compile did.
@@ -597,10 +607,47 @@ def child_ours(spec: dict) -> dict:
     return _run_train_job(spec, "ours", spec["features_dir"], "auto", spec["steps_ours"])
 
 
+def _profile_startup(out: Path) -> None:
+    """Wrap build_trainer (where modal_jobs.train.job's train calls it) so that Python's profiler runs from there to
+    the end of the first optimizer step, where a warm start spends its time loading the cached compiled layers:
+    OUT/startup_profile.txt, the functions with the most cumulative time, then with the most time of their own."""
+    import cProfile
+    import io
+    import pstats
+
+    from transformers import TrainerCallback
+
+    from modal_jobs.train import job
+
+    build = job.build_trainer
+
+    def build_and_profile(request):
+        profiler = cProfile.Profile()
+        profiler.enable()
+        setup = build(request)
+
+        class StopAfterFirstStep(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if profiler is not None and state.global_step == 1:
+                    profiler.disable()
+                    text = io.StringIO()
+                    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(70)
+                    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+                    (out / "startup_profile.txt").write_text(text.getvalue())
+
+        setup.trainer.add_callback(StopAfterFirstStep())
+        return setup
+
+    job.build_trainer = build_and_profile
+
+
 def child_ours_again(spec: dict) -> dict:
     """(c) once more, in a new process: what a retrain pays when the compiled kernels are on the storage root.
-    With --profile-trainer, after the timed steps, two count host syncs and three are profiled inside the trainer."""
+    With --profile-trainer, after the timed steps, two count host syncs and three are profiled inside the trainer;
+    with --profile-startup, Python's profiler runs from building the trainer to the end of the first step."""
     steps = spec["steps_ours"]
+    if spec.get("profile_startup"):
+        _profile_startup(Path(spec["out"]))
     if spec.get("profile_trainer"):
         _profile_trainer_steps(Path(spec["out"]), first=steps + 1)
         return _run_train_job(spec, "ours-again", spec["features_dir"], "auto", steps + 6, timed_until=steps)
@@ -649,9 +696,15 @@ VARIANTS = {
     # CUDA graphs of the compiled layers (one per distinct length: packed rows padded to 256, fewer lengths). On the
     # H100 (2026-11-26) the process crashed (SIGSEGV) after cudagraph trees warned of pending backwards.
     "ours_cuda_graphs": {"FEATURES_COMPILE_OPTIONS": {"triton.cudagraphs": True}, "FEATURES_PAD_TO_MULTIPLE": 256},
-    # The MLP's gate/up outputs kept for the backward instead of recomputed (levers.FEATURES_RECOMPUTE_WIDE_MATMULS):
-    # ~a fifth less matmul work, ~6.6 GiB more at 16 rows. Not yet measured.
+    # The MLP's gate/up outputs kept for the backward (levers.FEATURES_RECOMPUTE_WIDE_MATMULS False), or recomputed
+    # (True), whatever the card's memory would choose. H200, 2026-12-02: kept 70.4 samples/s at 24.2 GiB, recomputed
+    # 64.5 at 16.5 (loss chunks of 2048 tokens then).
     "ours_keep_mlp": {"FEATURES_RECOMPUTE_WIDE_MATMULS": False},
+    "ours_recompute_mlp": {"FEATURES_RECOMPUTE_WIDE_MATMULS": True},
+    # FlexAttention with Inductor's default kernel settings (levers.FEATURES_FLEX_KERNEL_OPTIONS off).
+    "ours_default_flex": {"FEATURES_FLEX_KERNEL_OPTIONS": {}},
+    # The loss's LM-head chunks as before the sixth session (levers.FEATURES_LOSS_CHUNK_TOKENS): peak memory.
+    "ours_loss_chunk_2048": {"FEATURES_LOSS_CHUNK_TOKENS": 2048},
 }
 
 
@@ -962,6 +1015,9 @@ def main() -> None:
     parser.add_argument("--profile-trainer", action="store_true",
                         help="(c) again, after its timed steps, counts host syncs over two (OUT/trainer_syncs.txt) "
                              "and profiles three (OUT/trainer_profile.txt, trainer_idle.json)")
+    parser.add_argument("--profile-startup", action="store_true",
+                        help="(c) again runs Python's profiler from building its trainer to the end of its first "
+                             "step (OUT/startup_profile.txt)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="scale every path's step count")
     parser.add_argument("--gpus", type=int, default=1,
                         help="our job on this many GPUs (train.gpus), each doing one GPU's default work: the "
@@ -1002,7 +1058,7 @@ def main() -> None:
         "steps_variant": 60 if on_gpu else 6, "steps_hf": 8 if on_gpu else 4,
         "steps_unsloth": UNSLOTH_WARMUP_STEPS + TIMED_STEPS + 1, "lever_budget_s": 60 if on_gpu else 10,
         "unsloth_compile": not args.unsloth_no_compile, "probe_compile": args.probe_compile,
-        "profile_trainer": args.profile_trainer, "out": str(out),
+        "profile_trainer": args.profile_trainer, "profile_startup": args.profile_startup, "out": str(out),
         "model_overrides": {} if on_gpu else {"max_seq_length": 512},
     }
     if args.gpus > 1:

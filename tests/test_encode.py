@@ -513,6 +513,75 @@ def test_both_layer_kinds_share_one_compiled_layer_on_packed_rows(tiny_model_dir
     assert float(total / count) == pytest.approx(padded_loss, rel=1e-5)
 
 
+def test_flex_kernel_options_reach_every_compiled_layers_attention(tiny_model_dir, tiny_dataset_dir, encoded,
+                                                                   monkeypatch):
+    """Where levers.flex_kernel_options gives settings (a Hopper card at head_dim 256: forced here), every compiled
+    layer's FlexAttention call carries them, the layers still share one graph, and the loss is unchanged."""
+    import torch
+    from torch._dynamo.utils import clear_compilation_metrics, counters, get_compilation_metrics
+
+    from modal_jobs.encode import FeatureStore
+    from modal_jobs.train import FeatureCollator, labelled_token_loss, levers
+
+    if shutil.which("cc") is None:  # a BlockMask on a CPU is made by compiled code
+        pytest.skip("no C compiler for FlexAttention's CPU kernel")
+    model, processor = _tiny_lora_model(tiny_model_dir)
+    _, feature_rows = _rows(tiny_dataset_dir, 5)
+    packed = FeatureCollator(processor, FeatureStore(encoded.features_dir), pack=True, pad_to_multiple_of=64)(
+        feature_rows)
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module.code)
+        return graph_module.forward
+
+    model.eval()
+    with torch.no_grad():
+        model.set_attn_implementation("flex_attention")
+        total, count = labelled_token_loss(model, dict(packed))
+        eager_loss = float(total / count)
+        assert levers.flex_kernel_options(model.config.get_text_config()) is None  # no CUDA card here
+        monkeypatch.setattr(levers, "flex_kernel_options", lambda text_config: dict(levers.FEATURES_FLEX_KERNEL_OPTIONS))
+        torch._dynamo.reset()
+        counters.clear()
+        clear_compilation_metrics()
+        try:
+            assert levers._compile_layers(model, backend=recording_backend)
+            total, count = labelled_token_loss(model, dict(packed))
+            layer_frames = [frame for frame in get_compilation_metrics() if frame.co_name == "call"]
+            assert not counters["graph_break"]
+        finally:
+            torch._dynamo.reset()
+    assert len(layer_frames) == 1, [frame.recompile_reason for frame in layer_frames]
+    attention_graphs = [code for code in graphs if "flex_attention" in code]
+    # Constants in the graph, not graph inputs: the kernel's settings must not turn symbolic under dynamic shapes.
+    assert attention_graphs and all("'bwd_num_stages': 3" in code for code in attention_graphs), attention_graphs[:1]
+    assert float(total / count) == pytest.approx(eager_loss, rel=1e-5)
+
+
+def test_the_wide_matmuls_are_kept_only_on_a_card_with_the_memory(monkeypatch):
+    """levers.FEATURES_RECOMPUTE_WIDE_MATMULS None: recompute them without a CUDA card or on one under
+    KEEP_WIDE_MATMULS_MIN_GIB, keep them on a larger one; True or False is obeyed as set."""
+    import types
+
+    import torch
+
+    from modal_jobs.train import levers
+
+    monkeypatch.setattr(levers, "FEATURES_RECOMPUTE_WIDE_MATMULS", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert levers.recompute_wide_matmuls() is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for gib, recompute in ((24, True), (levers.KEEP_WIDE_MATMULS_MIN_GIB - 1, True), (80, False), (141, False)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device, gib=gib: types.SimpleNamespace(total_memory=gib * 2**30))
+        assert levers.recompute_wide_matmuls() is recompute, gib
+    for setting in (True, False):
+        monkeypatch.setattr(levers, "FEATURES_RECOMPUTE_WIDE_MATMULS", setting)
+        assert levers.recompute_wide_matmuls() is setting
+
+
 def test_the_trainers_loss_is_the_same_on_both_paths(vlmpipe_home, tiny_model_dir, tiny_dataset_dir, encoded):
     """Through the train job's own trainers (TRL's fused LM head, its normalisation): same batch, same loss."""
     import torch

@@ -25,11 +25,36 @@ FEATURES_MAX_MICRO_BATCH = 16
 # selective inside the compiled layers 51.6 samples/s at 18.1 GiB, full recomputation inside 42.4 at 12.3,
 # around them 39.6 at 12.3; none at all kept ~3 GiB a sample (16 x 1 peaked at 53 GiB under the trainer).
 FEATURES_GRADIENT_CHECKPOINTING: bool | str = "selective"
-# Under "selective", also recompute the matmul outputs wider than the hidden size (the MLP's gate and up
-# projections). Recomputing them is about a fifth of a Gemma 3 4B layer's matmul work in a LoRA step (20 of
-# ~92 units: forward 36, input gradients 36); keeping them costs 2 x 10,240 bf16 values a token a layer, ~6.6 GiB
-# for 16 rows of ~320 tokens. bench.train_speed's ours_keep_mlp measures the trade (not yet run on a GPU).
-FEATURES_RECOMPUTE_WIDE_MATMULS = True
+# Under "selective", what to do with the matmul outputs wider than the hidden size (the MLP's gate and up
+# projections): recompute them in the backward (True), keep them (False), or None: keep them where the card has at
+# least KEEP_WIDE_MATMULS_MIN_GIB of memory. Recomputing them is about a fifth of a Gemma 3 4B layer's matmul work in
+# a LoRA step (20 of ~92 units: forward 36, input gradients 36); keeping them costs 2 x 10,240 bf16 values a token a
+# layer. Fair bench, H200, 2026-12-02 (sixth session, same command): kept 70.4 samples/s at 24.2 GiB allocated,
+# recomputed 64.5 at 16.5. The pipeline's smokes reserved up to ~11 GiB over what was allocated (the allocator's
+# cache over packed batches of varying length), so a 24-32 GB card keeps recomputing them.
+FEATURES_RECOMPUTE_WIDE_MATMULS: bool | None = None
+KEEP_WIDE_MATMULS_MIN_GIB = 40
+# Labelled tokens whose LM-head logits are made at once in the loss (labelled_token_loss), forward and again in the
+# backward: each chunk holds ~16 bytes a token a vocabulary entry at its peak (bf16 and float32 logits, their
+# log-softmax and its gradient): ~1.1 GB for 256 tokens of Gemma 3's 262k vocabulary, where a step of 16 LaTeX_OCR
+# rows has ~800 (3.3 GB in one chunk). The head's matmuls are the same work in any chunks.
+FEATURES_LOSS_CHUNK_TOKENS = 256
+# FlexAttention's backward kernel settings for the packed rows on a Hopper card (compute capability 9.x) at Gemma
+# 3's head_dim 256: what max-autotune chose for a packed row of 16 LaTeX_OCR-like rows (bench.attention_probe,
+# H200, 2026-12-02): 0.78 ms a layer against 1.14 with Inductor's defaults (~12 ms of a ~0.25 s step); the forward
+# keeps its defaults (autotuning gained nothing there). Other cards and head_dims keep Inductor's defaults (not
+# measured; a setting too large for a card's shared memory fails to compile).
+FEATURES_FLEX_KERNEL_OPTIONS: dict[str, int] = {
+    "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 32, "bwd_BLOCK_M2": 32, "bwd_BLOCK_N2": 32,
+    "bwd_num_warps": 4, "bwd_num_stages": 3,
+}
+FLEX_KERNEL_OPTIONS_MEASURED_ON = {"compute_capability_major": 9, "head_dim": 256}
+# After the first optimizer step (the start: model, trainer, compiled or cache-loaded kernels), gc.freeze() what is
+# alive, so that Python's full collections during training walk only what training makes. In a process that loaded
+# its compiled layers from the kernel cache (fair bench, H200, 2026-12-02, sixth session), four full collections
+# held the host 2.6 s (up to 0.76 s each) inside a 9 s window of 30 steps: 53.3 samples/s against 64.5 for the
+# process that compiled them. (Frozen at the first step's start, before compiling, it did not help: run 13.)
+FEATURES_GC_FREEZE_AFTER_FIRST_STEP = True
 # torch.compile each decoder layer (CUDA only; dynamic shapes): fuses element-wise work and cuts launches.
 # Compiling costs ~1-2 minutes once per process; a couple of early batches recompile (duck-sized mask shapes).
 FEATURES_COMPILE = True
@@ -141,10 +166,23 @@ def fuse_lora_forwards(model: Any) -> int:
     return count
 
 
-def _recomputed(forward: Any, checkpoint_kwargs: dict[str, Any]) -> Any:
+# The keyword arguments _compile_layers adds to every decoder layer's call. Read as a global by the compiled code:
+# torch.compile specialises on a global's numbers, where from a closure it would take them as graph inputs
+# (symbolic under dynamic shapes), which FlexAttention's kernel settings must not be.
+_LAYER_KWARGS: dict[str, Any] = {}
+
+
+def _layer_call(forward: Any, checkpoint_kwargs: dict[str, Any] | None) -> Any:
+    """A decoder layer's forward with _LAYER_KWARGS added to every call (FlexAttention's kernel options reach the
+    attention function through the layer's keyword arguments) and, with `checkpoint_kwargs`, its activations
+    recomputed in the backward pass. One function for every layer: the layers share their compiled graph."""
+
     def call(*args, **kwargs):
         from torch.utils.checkpoint import checkpoint
 
+        kwargs = {**_LAYER_KWARGS, **kwargs}
+        if checkpoint_kwargs is None:
+            return forward(*args, **kwargs)
         return checkpoint(forward, *args, **checkpoint_kwargs, **kwargs)
 
     return call
@@ -156,7 +194,8 @@ def _compile_layers(model: Any, recompute: bool | str = False, backend: str = "i
     batches: one per kind, whose masks differ in layout). With `recompute` (True, or "selective" for
     `selective_checkpoint_kwargs`' policy) the layer's activations are recomputed in the backward pass by a
     checkpoint *inside* the compiled region, where the compiler sees both passes and the policy sees its matmuls
-    (around a compiled layer, it sees one opaque call).
+    (around a compiled layer, it sees one opaque call). Under "selective", the MLP's wide outputs are recomputed
+    or kept as `recompute_wide_matmuls` says; FlexAttention gets `flex_kernel_options` where they were measured.
     False, with the reason on stderr, where the model has no such layer list."""
     import torch
 
@@ -171,19 +210,47 @@ def _compile_layers(model: Any, recompute: bool | str = False, backend: str = "i
     # A machine that cannot compile (no C compiler for Triton's launchers, say) trains eagerly, with a warning,
     # rather than failing at its first step.
     dynamo.suppress_errors = True
-    # Selective: keep matmul outputs no wider than the hidden size (attention projections, down projection);
-    # recompute the MLP's wide gate/up outputs, which hold most of the memory (FEATURES_RECOMPUTE_WIDE_MATMULS).
-    hidden_size = getattr(model.config.get_text_config(), "hidden_size", None)
-    max_saved_width = hidden_size if FEATURES_RECOMPUTE_WIDE_MATMULS else None
+    text_config = model.config.get_text_config()
+    max_saved_width = getattr(text_config, "hidden_size", None) if recompute_wide_matmuls() else None
     checkpoint_kwargs = (selective_checkpoint_kwargs(max_saved_width=max_saved_width) if recompute == "selective"
                          else {"use_reentrant": False})
+    kernel_options = flex_kernel_options(text_config)
+    _LAYER_KWARGS.clear()
+    if kernel_options:
+        _LAYER_KWARGS["kernel_options"] = kernel_options
     for layer in layers:
-        if recompute:
-            layer.forward = _recomputed(layer.forward, checkpoint_kwargs)
+        if recompute or _LAYER_KWARGS:
+            layer.forward = _layer_call(layer.forward, checkpoint_kwargs if recompute else None)
         layer.compile(dynamic=True, backend=backend,
                       options=dict(FEATURES_COMPILE_OPTIONS) if backend == "inductor" and FEATURES_COMPILE_OPTIONS
                       else None)
     return True
+
+
+def recompute_wide_matmuls() -> bool:
+    """FEATURES_RECOMPUTE_WIDE_MATMULS, None resolved by the memory of the card this process trains on."""
+    if FEATURES_RECOMPUTE_WIDE_MATMULS is not None:
+        return FEATURES_RECOMPUTE_WIDE_MATMULS
+    import torch
+
+    if not torch.cuda.is_available():
+        return True
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory < KEEP_WIDE_MATMULS_MIN_GIB * 2**30
+
+
+def flex_kernel_options(text_config: Any) -> dict[str, int] | None:
+    """FEATURES_FLEX_KERNEL_OPTIONS where they were measured (the card's compute capability, the model's head_dim)
+    and the layers run FlexAttention; None elsewhere (Inductor's defaults)."""
+    import torch
+
+    if (not FEATURES_FLEX_KERNEL_OPTIONS or getattr(text_config, "_attn_implementation", None) != "flex_attention"
+            or not torch.cuda.is_available()):
+        return None
+    major, _ = torch.cuda.get_device_capability(torch.cuda.current_device())
+    measured = FLEX_KERNEL_OPTIONS_MEASURED_ON
+    if major != measured["compute_capability_major"] or getattr(text_config, "head_dim", None) != measured["head_dim"]:
+        return None
+    return dict(FEATURES_FLEX_KERNEL_OPTIONS)
 
 
 def _switch_to_flex_attention(model: Any) -> bool:

@@ -22,13 +22,14 @@ def _head_and_backbone(model: Any) -> tuple[Any, Any]:
 
 
 
-def labelled_token_loss(model: Any, inputs: dict[str, Any], chunk_tokens: int = 2048) -> tuple[Any, Any]:
+def labelled_token_loss(model: Any, inputs: dict[str, Any], chunk_tokens: int | None = None) -> tuple[Any, Any]:
     """(summed cross-entropy, number of labelled tokens) of a batch of cached features.
 
     Next-token cross-entropy over the labelled positions only: the backbone's last hidden states at the positions
     whose next token has a label go through the LM head in chunks, each chunk's logits recomputed in the backward
     pass instead of kept. With Gemma 3's 262k vocabulary and ~1 labelled token in 6, this is ~1/6 of the head's
     work and none of its [batch, length, vocab] memory; the number is the model's own loss (tests/test_encode.py).
+    `chunk_tokens`: labelled tokens a chunk (default levers.FEATURES_LOSS_CHUNK_TOKENS).
     """
     import torch
     import torch.nn.functional as F
@@ -69,6 +70,10 @@ def labelled_token_loss(model: Any, inputs: dict[str, Any], chunk_tokens: int = 
             logits = torch.tanh(logits / softcap) * softcap
         return F.cross_entropy(logits, wanted, reduction="sum")
 
+    if chunk_tokens is None:
+        from modal_jobs.train import levers
+
+        chunk_tokens = levers.FEATURES_LOSS_CHUNK_TOKENS
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk_tokens):
         part = slice(start, start + chunk_tokens)

@@ -237,8 +237,13 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
     took["trainer"], began = round(time.time() - began, 1), time.time()
     compiled, fused_lora = _apply_model_levers(trainer, backend, choice)
     took["levers"] = round(time.time() - began, 1)
-    return TrainerSetup(trainer, processor, rows, backend, _image_inputs_record(plan, choice, compiled, fused_lora),
-                        took)
+    record = _image_inputs_record(plan, choice, compiled, fused_lora)
+    if compiled:
+        text_config = trainer.model.config.get_text_config()
+        selective_inside = choice.recompute_in_compiled and choice.checkpointing == "selective"
+        record.update(recomputed_wide_matmuls=levers.recompute_wide_matmuls() if selective_inside else None,
+                      flex_kernel_options=levers.flex_kernel_options(text_config))
+    return TrainerSetup(trainer, processor, rows, backend, record, took)
 
 
 def _check_process_count(request: TrainRequest) -> None:
