@@ -697,12 +697,13 @@ VARIANTS = {
     # H100 (2026-11-26) the process crashed (SIGSEGV) after cudagraph trees warned of pending backwards.
     "ours_cuda_graphs": {"FEATURES_COMPILE_OPTIONS": {"triton.cudagraphs": True}, "FEATURES_PAD_TO_MULTIPLE": 256},
     # The MLP's gate/up outputs kept for the backward (levers.FEATURES_RECOMPUTE_WIDE_MATMULS False), or recomputed
-    # (True), whatever the card's memory would choose. H200, 2026-12-02: kept 70.4 samples/s at 24.2 GiB, recomputed
-    # 64.5 at 16.5 (loss chunks of 2048 tokens then).
+    # (True), whatever the card's memory would choose (H200, 2026-12-02, sixth session: kept 74.6 samples/s at 21.7
+    # GiB allocated, 40.2 reserved; recomputed 58.4 at 14.5, 15.2 reserved).
     "ours_keep_mlp": {"FEATURES_RECOMPUTE_WIDE_MATMULS": False},
     "ours_recompute_mlp": {"FEATURES_RECOMPUTE_WIDE_MATMULS": True},
-    # FlexAttention with Inductor's default kernel settings (levers.FEATURES_FLEX_KERNEL_OPTIONS off).
-    "ours_default_flex": {"FEATURES_FLEX_KERNEL_OPTIONS": {}},
+    # FlexAttention's backward with the settings max-autotune chose for one packed row alone (H200: 67.8 samples/s
+    # against 74.6 with Inductor's defaults; not used).
+    "ours_tuned_flex": {"FEATURES_FLEX_KERNEL_OPTIONS": "FLEX_BACKWARD_AUTOTUNED_H200"},
     # The loss's LM-head chunks as before the sixth session (levers.FEATURES_LOSS_CHUNK_TOKENS): peak memory.
     "ours_loss_chunk_2048": {"FEATURES_LOSS_CHUNK_TOKENS": 2048},
 }
@@ -713,7 +714,8 @@ def _child_variant(name: str):
         from modal_jobs.train import levers
 
         for attribute, value in VARIANTS[name].items():
-            setattr(levers, attribute, value)
+            # A string names another setting of the module (a measured configuration kept there).
+            setattr(levers, attribute, getattr(levers, value) if isinstance(value, str) else value)
         return {"overrides": VARIANTS[name],
                 **_run_train_job(spec, name, spec["features_dir"], "auto", spec["steps_variant"])}
 

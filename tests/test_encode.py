@@ -515,8 +515,9 @@ def test_both_layer_kinds_share_one_compiled_layer_on_packed_rows(tiny_model_dir
 
 def test_flex_kernel_options_reach_every_compiled_layers_attention(tiny_model_dir, tiny_dataset_dir, encoded,
                                                                    monkeypatch):
-    """Where levers.flex_kernel_options gives settings (a Hopper card at head_dim 256: forced here), every compiled
-    layer's FlexAttention call carries them, the layers still share one graph, and the loss is unchanged."""
+    """Where levers.flex_kernel_options gives settings (FEATURES_FLEX_KERNEL_OPTIONS on a CUDA card: forced here,
+    as bench.train_speed's ours_tuned_flex sets them), every compiled layer's FlexAttention call carries them, the
+    layers still share one graph, and the loss is unchanged."""
     import torch
     from torch._dynamo.utils import clear_compilation_metrics, counters, get_compilation_metrics
 
@@ -541,7 +542,7 @@ def test_flex_kernel_options_reach_every_compiled_layers_attention(tiny_model_di
         total, count = labelled_token_loss(model, dict(packed))
         eager_loss = float(total / count)
         assert levers.flex_kernel_options(model.config.get_text_config()) is None  # no CUDA card here
-        monkeypatch.setattr(levers, "flex_kernel_options", lambda text_config: dict(levers.FEATURES_FLEX_KERNEL_OPTIONS))
+        monkeypatch.setattr(levers, "flex_kernel_options", lambda text_config: dict(levers.FLEX_BACKWARD_AUTOTUNED_H200))
         torch._dynamo.reset()
         counters.clear()
         clear_compilation_metrics()

@@ -29,26 +29,27 @@ FEATURES_GRADIENT_CHECKPOINTING: bool | str = "selective"
 # projections): recompute them in the backward (True), keep them (False), or None: keep them where the card has at
 # least KEEP_WIDE_MATMULS_MIN_GIB of memory. Recomputing them is about a fifth of a Gemma 3 4B layer's matmul work in
 # a LoRA step (20 of ~92 units: forward 36, input gradients 36); keeping them costs 2 x 10,240 bf16 values a token a
-# layer. Fair bench, H200, 2026-12-02 (sixth session, same command): kept 70.4 samples/s at 24.2 GiB allocated,
-# recomputed 64.5 at 16.5. The pipeline's smokes reserved up to ~11 GiB over what was allocated (the allocator's
-# cache over packed batches of varying length), so a 24-32 GB card keeps recomputing them.
+# layer. Fair bench, H200, 2026-12-02 (sixth session): kept 74.6 samples/s at 21.7 GiB allocated, but the allocator
+# reserved 34.8-40.2 GiB (packed batches of varying length fragment its cache); recomputed 58.4-64.5 at 14.5-16.5
+# GiB (15.2 reserved). So only a card with room for that cache keeps them: 80 GB cards do, 24-48 GB cards recompute.
 FEATURES_RECOMPUTE_WIDE_MATMULS: bool | None = None
-KEEP_WIDE_MATMULS_MIN_GIB = 40
+KEEP_WIDE_MATMULS_MIN_GIB = 64
 # Labelled tokens whose LM-head logits are made at once in the loss (labelled_token_loss), forward and again in the
 # backward: each chunk holds ~16 bytes a token a vocabulary entry at its peak (bf16 and float32 logits, their
 # log-softmax and its gradient): ~1.1 GB for 256 tokens of Gemma 3's 262k vocabulary, where a step of 16 LaTeX_OCR
-# rows has ~800 (3.3 GB in one chunk). The head's matmuls are the same work in any chunks.
+# rows has ~800 (3.3 GB in one chunk). The head's matmuls are the same work in any chunks. Fair bench, H200: 2048
+# -> 256 took the peak from 24.2 to 21.7 GiB (MLP outputs kept) and from 16.5 to 14.5 GiB (recomputed).
 FEATURES_LOSS_CHUNK_TOKENS = 256
-# FlexAttention's backward kernel settings for the packed rows on a Hopper card (compute capability 9.x) at Gemma
-# 3's head_dim 256: what max-autotune chose for a packed row of 16 LaTeX_OCR-like rows (bench.attention_probe,
-# H200, 2026-12-02): 0.78 ms a layer against 1.14 with Inductor's defaults (~12 ms of a ~0.25 s step); the forward
-# keeps its defaults (autotuning gained nothing there). Other cards and head_dims keep Inductor's defaults (not
-# measured; a setting too large for a card's shared memory fails to compile).
-FEATURES_FLEX_KERNEL_OPTIONS: dict[str, int] = {
+# FlexAttention kernel settings for the packed rows' attention (its `kernel_options`; empty: Inductor's defaults).
+# FLEX_BACKWARD_AUTOTUNED_H200 is what max-autotune chose for the backward of one packed row alone
+# (bench.attention_probe, H200, 2026-12-02: 0.78 ms a layer against 1.14 with the defaults), but inside the
+# compiled layers, where the kernel is fused with the norms around it, training ran slower with it: 67.8 samples/s
+# against 74.6 with the defaults, same command (bench.train_speed's ours_tuned_flex). Not used.
+FEATURES_FLEX_KERNEL_OPTIONS: dict[str, int] = {}
+FLEX_BACKWARD_AUTOTUNED_H200: dict[str, int] = {
     "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 32, "bwd_BLOCK_M2": 32, "bwd_BLOCK_N2": 32,
     "bwd_num_warps": 4, "bwd_num_stages": 3,
 }
-FLEX_KERNEL_OPTIONS_MEASURED_ON = {"compute_capability_major": 9, "head_dim": 256}
 # After the first optimizer step (the start: model, trainer, compiled or cache-loaded kernels), gc.freeze() what is
 # alive, so that Python's full collections during training walk only what training makes. In a process that loaded
 # its compiled layers from the kernel cache (fair bench, H200, 2026-12-02, sixth session), four full collections
@@ -195,7 +196,7 @@ def _compile_layers(model: Any, recompute: bool | str = False, backend: str = "i
     `selective_checkpoint_kwargs`' policy) the layer's activations are recomputed in the backward pass by a
     checkpoint *inside* the compiled region, where the compiler sees both passes and the policy sees its matmuls
     (around a compiled layer, it sees one opaque call). Under "selective", the MLP's wide outputs are recomputed
-    or kept as `recompute_wide_matmuls` says; FlexAttention gets `flex_kernel_options` where they were measured.
+    or kept as `recompute_wide_matmuls` says; FlexAttention gets `flex_kernel_options` where any are set.
     False, with the reason on stderr, where the model has no such layer list."""
     import torch
 
@@ -239,16 +240,12 @@ def recompute_wide_matmuls() -> bool:
 
 
 def flex_kernel_options(text_config: Any) -> dict[str, int] | None:
-    """FEATURES_FLEX_KERNEL_OPTIONS where they were measured (the card's compute capability, the model's head_dim)
-    and the layers run FlexAttention; None elsewhere (Inductor's defaults)."""
+    """FEATURES_FLEX_KERNEL_OPTIONS where the layers run FlexAttention on a CUDA card; None otherwise (and where
+    they are empty: Inductor's defaults)."""
     import torch
 
     if (not FEATURES_FLEX_KERNEL_OPTIONS or getattr(text_config, "_attn_implementation", None) != "flex_attention"
             or not torch.cuda.is_available()):
-        return None
-    major, _ = torch.cuda.get_device_capability(torch.cuda.current_device())
-    measured = FLEX_KERNEL_OPTIONS_MEASURED_ON
-    if major != measured["compute_capability_major"] or getattr(text_config, "head_dim", None) != measured["head_dim"]:
         return None
     return dict(FEATURES_FLEX_KERNEL_OPTIONS)
 
