@@ -607,13 +607,15 @@ def child_ours(spec: dict) -> dict:
     return _run_train_job(spec, "ours", spec["features_dir"], "auto", spec["steps_ours"])
 
 
-def _profile_startup(out: Path) -> None:
-    """Wrap build_trainer (where modal_jobs.train.job's train calls it) so that Python's profiler runs from there to
-    the end of the first optimizer step, where a warm start spends its time loading the cached compiled layers:
-    OUT/startup_profile.txt, the functions with the most cumulative time, then with the most time of their own."""
-    import cProfile
-    import io
-    import pstats
+def _sample_startup(out: Path, interval_s: float = 0.25) -> None:
+    """Wrap build_trainer (where modal_jobs.train.job's train calls it) so that a thread samples the main thread's
+    Python stack every `interval_s` from there to the end of the first optimizer step, where a warm start spends its
+    time loading the cached compiled layers: OUT/startup_samples.txt. A sampler, not a profiler: under Python's
+    profiler (sys.setprofile) the Inductor and AOTAutograd caches missed and the process compiled cold
+    (BENCHMARKS.md, sixth session)."""
+    import threading
+    import traceback
+    from collections import Counter
 
     from transformers import TrainerCallback
 
@@ -621,33 +623,57 @@ def _profile_startup(out: Path) -> None:
 
     build = job.build_trainer
 
-    def build_and_profile(request):
-        profiler = cProfile.Profile()
-        profiler.enable()
+    def report(samples: list) -> str:
+        on_stack, innermost = Counter(), Counter()
+        for stack in samples:
+            places = [f"{Path(entry.filename).name}:{entry.lineno} {entry.name}" for entry in stack]
+            on_stack.update(set(places))
+            if places:
+                innermost[places[-1]] += 1
+        seconds = lambda count: f"{count * interval_s:7.1f} s"
+        lines = [f"{len(samples)} samples every {interval_s} s of the main thread, from build_trainer to the end of "
+                 "the first step", "", "on the stack (inclusive):"]
+        lines += [f"{seconds(n)}  {place}" for place, n in on_stack.most_common(60)]
+        lines += ["", "innermost (where the thread was):"]
+        lines += [f"{seconds(n)}  {place}" for place, n in innermost.most_common(30)]
+        return "\n".join(lines) + "\n"
+
+    def build_and_sample(request):
+        main = threading.main_thread().ident
+        stop = threading.Event()
+        samples: list = []
+
+        def sample() -> None:
+            while not stop.wait(interval_s):
+                frame = sys._current_frames().get(main)
+                if frame is not None:
+                    samples.append(traceback.extract_stack(frame))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         setup = build(request)
 
         class StopAfterFirstStep(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
-                if profiler is not None and state.global_step == 1:
-                    profiler.disable()
-                    text = io.StringIO()
-                    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(70)
-                    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
-                    (out / "startup_profile.txt").write_text(text.getvalue())
+                if state.global_step == 1 and not stop.is_set():
+                    stop.set()
+                    sampler.join()
+                    (out / "startup_samples.txt").write_text(report(samples))
 
         setup.trainer.add_callback(StopAfterFirstStep())
         return setup
 
-    job.build_trainer = build_and_profile
+    job.build_trainer = build_and_sample
 
 
 def child_ours_again(spec: dict) -> dict:
     """(c) once more, in a new process: what a retrain pays when the compiled kernels are on the storage root.
     With --profile-trainer, after the timed steps, two count host syncs and three are profiled inside the trainer;
-    with --profile-startup, Python's profiler runs from building the trainer to the end of the first step."""
+    with --sample-startup, its main thread's stack is sampled from building the trainer to the end of the first
+    step."""
     steps = spec["steps_ours"]
-    if spec.get("profile_startup"):
-        _profile_startup(Path(spec["out"]))
+    if spec.get("sample_startup"):
+        _sample_startup(Path(spec["out"]))
     if spec.get("profile_trainer"):
         _profile_trainer_steps(Path(spec["out"]), first=steps + 1)
         return _run_train_job(spec, "ours-again", spec["features_dir"], "auto", steps + 6, timed_until=steps)
@@ -1017,9 +1043,9 @@ def main() -> None:
     parser.add_argument("--profile-trainer", action="store_true",
                         help="(c) again, after its timed steps, counts host syncs over two (OUT/trainer_syncs.txt) "
                              "and profiles three (OUT/trainer_profile.txt, trainer_idle.json)")
-    parser.add_argument("--profile-startup", action="store_true",
-                        help="(c) again runs Python's profiler from building its trainer to the end of its first "
-                             "step (OUT/startup_profile.txt)")
+    parser.add_argument("--sample-startup", action="store_true",
+                        help="(c) again samples its main thread's stack from building its trainer to the end of its "
+                             "first step (OUT/startup_samples.txt)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="scale every path's step count")
     parser.add_argument("--gpus", type=int, default=1,
                         help="our job on this many GPUs (train.gpus), each doing one GPU's default work: the "
@@ -1060,7 +1086,7 @@ def main() -> None:
         "steps_variant": 60 if on_gpu else 6, "steps_hf": 8 if on_gpu else 4,
         "steps_unsloth": UNSLOTH_WARMUP_STEPS + TIMED_STEPS + 1, "lever_budget_s": 60 if on_gpu else 10,
         "unsloth_compile": not args.unsloth_no_compile, "probe_compile": args.probe_compile,
-        "profile_trainer": args.profile_trainer, "profile_startup": args.profile_startup, "out": str(out),
+        "profile_trainer": args.profile_trainer, "sample_startup": args.sample_startup, "out": str(out),
         "model_overrides": {} if on_gpu else {"max_seq_length": 512},
     }
     if args.gpus > 1:

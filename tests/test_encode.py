@@ -476,14 +476,9 @@ def test_both_layer_kinds_share_one_compiled_layer_on_packed_rows(tiny_model_dir
     full layer compiled again: each graph more is about a minute of cold compilation on a 4B model), and the loss
     is still the padded batch's. Forward only, with the aot_eager backend: FlexAttention's backward needs a GPU."""
     import torch
-    from torch._dynamo.utils import (
-        clear_compilation_metrics,
-        counters,
-        get_compilation_metrics,
-    )
 
     from modal_jobs.encode import FeatureStore
-    from modal_jobs.train import FeatureCollator, _compile_layers, labelled_token_loss
+    from modal_jobs.train import FeatureCollator, labelled_token_loss
 
     if shutil.which("cc") is None:  # a BlockMask on a CPU is made by compiled code
         pytest.skip("no C compiler for FlexAttention's CPU kernel")
@@ -499,18 +494,30 @@ def test_both_layer_kinds_share_one_compiled_layer_on_packed_rows(tiny_model_dir
         total, count = labelled_token_loss(model, dict(padded))
         padded_loss = float(total / count)
         model.set_attn_implementation("flex_attention")
-        torch._dynamo.reset()
-        counters.clear()
-        clear_compilation_metrics()
-        try:
-            assert _compile_layers(model, backend="aot_eager")
-            total, count = labelled_token_loss(model, dict(packed))
-            layer_graphs = [frame for frame in get_compilation_metrics() if frame.co_name == "forward"]
-            assert not counters["graph_break"]
-        finally:
-            torch._dynamo.reset()
+        packed_loss, layer_graphs = _compiled_layers_loss(model, packed, "aot_eager", "forward")
     assert len(layer_graphs) == 1, [frame.recompile_reason for frame in layer_graphs]
-    assert float(total / count) == pytest.approx(padded_loss, rel=1e-5)
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-5)
+
+
+def _compiled_layers_loss(model, inputs, backend, frame_name):
+    """Compile the model's decoder layers with `backend` (torch.compile's state reset before and after) and compute
+    the loss of `inputs`: (the loss, the compiled frames of the code named `frame_name`). No graph break allowed."""
+    import torch
+    from torch._dynamo.utils import clear_compilation_metrics, counters, get_compilation_metrics
+
+    from modal_jobs.train import _compile_layers, labelled_token_loss
+
+    torch._dynamo.reset()
+    counters.clear()
+    clear_compilation_metrics()
+    try:
+        assert _compile_layers(model, backend=backend)
+        total, count = labelled_token_loss(model, dict(inputs))
+        frames = [frame for frame in get_compilation_metrics() if frame.co_name == frame_name]
+        assert not counters["graph_break"]
+    finally:
+        torch._dynamo.reset()
+    return float(total / count), frames
 
 
 def test_flex_kernel_options_reach_every_compiled_layers_attention(tiny_model_dir, tiny_dataset_dir, encoded,
@@ -519,7 +526,6 @@ def test_flex_kernel_options_reach_every_compiled_layers_attention(tiny_model_di
     as bench.train_speed's ours_tuned_flex sets them), every compiled layer's FlexAttention call carries them, the
     layers still share one graph, and the loss is unchanged."""
     import torch
-    from torch._dynamo.utils import clear_compilation_metrics, counters, get_compilation_metrics
 
     from modal_jobs.encode import FeatureStore
     from modal_jobs.train import FeatureCollator, labelled_token_loss, levers
@@ -543,21 +549,13 @@ def test_flex_kernel_options_reach_every_compiled_layers_attention(tiny_model_di
         eager_loss = float(total / count)
         assert levers.flex_kernel_options(model.config.get_text_config()) is None  # no CUDA card here
         monkeypatch.setattr(levers, "flex_kernel_options", lambda text_config: dict(levers.FLEX_BACKWARD_AUTOTUNED_H200))
-        torch._dynamo.reset()
-        counters.clear()
-        clear_compilation_metrics()
-        try:
-            assert levers._compile_layers(model, backend=recording_backend)
-            total, count = labelled_token_loss(model, dict(packed))
-            layer_frames = [frame for frame in get_compilation_metrics() if frame.co_name == "call"]
-            assert not counters["graph_break"]
-        finally:
-            torch._dynamo.reset()
+        # The layers' calls go through levers._layer_call, which adds the options.
+        packed_loss, layer_frames = _compiled_layers_loss(model, packed, recording_backend, "call")
     assert len(layer_frames) == 1, [frame.recompile_reason for frame in layer_frames]
     attention_graphs = [code for code in graphs if "flex_attention" in code]
     # Constants in the graph, not graph inputs: the kernel's settings must not turn symbolic under dynamic shapes.
     assert attention_graphs and all("'bwd_num_stages': 3" in code for code in attention_graphs), attention_graphs[:1]
-    assert float(total / count) == pytest.approx(eager_loss, rel=1e-5)
+    assert packed_loss == pytest.approx(eager_loss, rel=1e-5)
 
 
 def test_the_wide_matmuls_are_kept_only_on_a_card_with_the_memory(monkeypatch):
