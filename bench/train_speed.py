@@ -730,6 +730,9 @@ VARIANTS = {
     # FlexAttention's backward with the settings max-autotune chose for one packed row alone (H200: 67.8 samples/s
     # against 74.6 with Inductor's defaults; not used).
     "ours_tuned_flex": {"FEATURES_FLEX_KERNEL_OPTIONS": "FLEX_BACKWARD_AUTOTUNED_H200"},
+    # Inductor's compile workers started while the trainer is set up (levers.FEATURES_WARM_COMPILE_POOL). Run it after
+    # ours: a warm process, to compare with ours_again's time to the first step.
+    "ours_warm_pool": {"FEATURES_WARM_COMPILE_POOL": True},
     # The loss's LM-head chunks as before the sixth session (levers.FEATURES_LOSS_CHUNK_TOKENS): peak memory.
     "ours_loss_chunk_2048": {"FEATURES_LOSS_CHUNK_TOKENS": 2048},
 }

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.prefect_homes import fresh_prefect_home
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def vlmpipe(home: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "VLMPIPE_HOME": str(home), "PREFECT_HOME": str(home.parent / "prefect-home"),
-           "HF_HUB_OFFLINE": "1"}
+    prefect_home = fresh_prefect_home(home.parent / "prefect-home")
+    env = {**os.environ, "VLMPIPE_HOME": str(home), "PREFECT_HOME": str(prefect_home), "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, check=False)
 

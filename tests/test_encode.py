@@ -503,7 +503,11 @@ def _compiled_layers_loss(model, inputs, backend, frame_name):
     """Compile the model's decoder layers with `backend` (torch.compile's state reset before and after) and compute
     the loss of `inputs`: (the loss, the compiled frames of the code named `frame_name`). No graph break allowed."""
     import torch
-    from torch._dynamo.utils import clear_compilation_metrics, counters, get_compilation_metrics
+    from torch._dynamo.utils import (
+        clear_compilation_metrics,
+        counters,
+        get_compilation_metrics,
+    )
 
     from modal_jobs.train import _compile_layers, labelled_token_loss
 
@@ -556,6 +560,26 @@ def test_flex_kernel_options_reach_every_compiled_layers_attention(tiny_model_di
     # Constants in the graph, not graph inputs: the kernel's settings must not turn symbolic under dynamic shapes.
     assert attention_graphs and all("'bwd_num_stages': 3" in code for code in attention_graphs), attention_graphs[:1]
     assert packed_loss == pytest.approx(eager_loss, rel=1e-5)
+
+
+def test_the_compile_workers_start_with_the_layers_only_when_asked(tiny_model_dir, monkeypatch):
+    """levers.FEATURES_WARM_COMPILE_POOL: _compile_layers starts Inductor's compile workers (torch's own
+    maybe_warm_pool) for the inductor backend; off, it leaves them to torch."""
+    import torch
+    import torch._inductor.async_compile as async_compile
+
+    from modal_jobs.train import levers
+
+    model, _ = _tiny_lora_model(tiny_model_dir)
+    started = []
+    monkeypatch.setattr(async_compile, "maybe_warm_pool", lambda: started.append(True))
+    try:
+        for warm, backend in ((False, "inductor"), (True, "eager"), (True, "inductor")):
+            monkeypatch.setattr(levers, "FEATURES_WARM_COMPILE_POOL", warm)
+            assert levers._compile_layers(model, backend=backend)
+    finally:
+        torch._dynamo.reset()
+    assert started == [True]
 
 
 def test_the_wide_matmuls_are_kept_only_on_a_card_with_the_memory(monkeypatch):

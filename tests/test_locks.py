@@ -25,6 +25,7 @@ import pytest
 
 from tasks import locks
 from tasks.locks import LockWaitTimeout, StageLockManager
+from tests.prefect_homes import fresh_prefect_home
 
 # A lock bug shows up as a hang: fail instead (the thread method: a Prefect flow takes SIGALRM for itself).
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420, method="thread")]
@@ -184,7 +185,8 @@ def test_a_run_killed_inside_a_stage_does_not_hold_up_the_next_run(vlmpipe_home,
                                                                    prefect_engine):
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     # Prefect's 20 s default for its API server to start is too short on a loaded 2-core CI machine.
-    env.update(VLMPIPE_HOME=str(vlmpipe_home), PREFECT_HOME=str(tmp_path / "prefect"), HF_HUB_OFFLINE="1",
+    env.update(VLMPIPE_HOME=str(vlmpipe_home), PREFECT_HOME=str(fresh_prefect_home(tmp_path / "prefect")),
+               HF_HUB_OFFLINE="1",
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")
     lock_file = vlmpipe_home / "locks" / "prepare_dataset-datasets-killed.lock"
     first_log = tmp_path / "first-run.log"

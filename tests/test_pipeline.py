@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.prefect_homes import fresh_prefect_home
 from tests.whole_runs import states, vlmpipe_run
 
 pytestmark = pytest.mark.integration
@@ -69,7 +70,8 @@ def test_one_changed_label_recomputes_what_depends_on_the_data(folder_sources_ru
 
 def test_bad_input_fails_before_any_job_with_the_problem_named(tmp_path, prefect_home):
     home = tmp_path / "home"
-    env = {**os.environ, "VLMPIPE_HOME": str(home), "PREFECT_HOME": str(prefect_home), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "VLMPIPE_HOME": str(home), "PREFECT_HOME": str(fresh_prefect_home(prefect_home)),
+           "HF_HUB_OFFLINE": "1"}
     bad_rate = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--set", "train.learning_rate=-1"],
                               check=False, env=env, capture_output=True, text=True, timeout=120)
     assert bad_rate.returncode == 2 and "train.learning_rate" in bad_rate.stderr

@@ -18,6 +18,7 @@ from modal_jobs.config import DatasetConfig, ExportConfig
 from modal_jobs.errors import InputError
 from modal_jobs.schemas import ExportRequest, PrepareDatasetRequest
 from modal_jobs.storage import is_complete
+from tests.prefect_homes import fresh_prefect_home
 
 
 @pytest.fixture
@@ -189,8 +190,8 @@ def test_zero_size_images_and_non_string_texts_are_named(vlmpipe_home, tmp_path,
 def _vlmpipe_run(home, *args: str):
     """`vlmpipe run` in its own process group, as a terminal starts it (Ctrl-C signals the whole group);
     whatever is left of the group is killed at the end."""
-    env = {**os.environ, "VLMPIPE_HOME": str(home), "PREFECT_HOME": str(home.parent / "prefect-home"),
-           "HF_HUB_OFFLINE": "1"}
+    prefect_home = fresh_prefect_home(home.parent / "prefect-home")
+    env = {**os.environ, "VLMPIPE_HOME": str(home), "PREFECT_HOME": str(prefect_home), "HF_HUB_OFFLINE": "1"}
     run = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", *args], env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

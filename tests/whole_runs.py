@@ -27,6 +27,8 @@ from typing import Any
 
 import pytest
 
+from tests.prefect_homes import fresh_prefect_home
+
 # The environment as the session began: a run in the background must not inherit what the test running at that
 # moment has monkeypatched (a storage root, HOME, a deleted token). One thread a process: a whole run shares the
 # two cores with the tests around it, and torch's second thread, spinning at every barrier, takes more of theirs
@@ -143,7 +145,8 @@ def run(args: list[str], timeout: float, **popen: Any) -> subprocess.CompletedPr
 def vlmpipe_run(home: Path, prefect_home: Path, *args: str, env: dict[str, str] | None = None) -> tuple[dict, str]:
     """`vlmpipe run --json ARGS` in a new process with its own ephemeral Prefect API, as a user would run it:
     its JSON summary and its stderr. It must succeed, and print no token."""
-    env = {**ENVIRON, "VLMPIPE_HOME": str(home), "PREFECT_HOME": str(prefect_home), "HF_HUB_OFFLINE": "1",
+    env = {**ENVIRON, "VLMPIPE_HOME": str(home), "PREFECT_HOME": str(fresh_prefect_home(prefect_home)),
+           "HF_HUB_OFFLINE": "1",
            **(env or {})}
     completed = run([sys.executable, "-m", "flows.cli", "run", "--json", *args], env=env, timeout=600)
     assert completed.returncode == 0, completed.stderr[-4000:]

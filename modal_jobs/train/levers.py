@@ -56,6 +56,13 @@ FLEX_BACKWARD_AUTOTUNED_H200: dict[str, int] = {
 # held the host 2.6 s (up to 0.76 s each) inside a 9 s window of 30 steps: 53.3 samples/s against 64.5 for the
 # process that compiled them. (Frozen at the first step's start, before compiling, it did not help: run 13.)
 FEATURES_GC_FREEZE_AFTER_FIRST_STEP = True
+# Start Inductor's compile workers when the layers are set up to compile, not when the first one is (torch does it
+# then). Inductor compiles a graph's Triton kernels, or loads them from its cache, in those workers only once they
+# are up (AsyncCompile.use_process_pool), and in the main process, one after another, before. A cold start spends
+# ~50 s generating code first, time enough for them to start; a warm one reaches its kernels within seconds. The
+# warm start's 41.5 s in PyCodeCache.load_by_key_path (BENCHMARKS.md, sixth session) may be that serial load: not
+# measured yet, so off; bench.train_speed's ours_warm_pool (a warm process after ours) measures it.
+FEATURES_WARM_COMPILE_POOL = False
 # torch.compile each decoder layer (CUDA only; dynamic shapes): fuses element-wise work and cuts launches.
 # Compiling costs ~1-2 minutes once per process; a couple of early batches recompile (duck-sized mask shapes).
 FEATURES_COMPILE = True
@@ -211,6 +218,10 @@ def _compile_layers(model: Any, recompute: bool | str = False, backend: str = "i
     # A machine that cannot compile (no C compiler for Triton's launchers, say) trains eagerly, with a warning,
     # rather than failing at its first step.
     dynamo.suppress_errors = True
+    if FEATURES_WARM_COMPILE_POOL and backend == "inductor":
+        from torch._inductor.async_compile import maybe_warm_pool
+
+        maybe_warm_pool()  # does nothing without Triton (a CPU-only torch)
     text_config = model.config.get_text_config()
     max_saved_width = getattr(text_config, "hidden_size", None) if recompute_wide_matmuls() else None
     checkpoint_kwargs = (selective_checkpoint_kwargs(max_saved_width=max_saved_width) if recompute == "selective"
