@@ -63,6 +63,12 @@ FEATURES_GC_FREEZE_AFTER_FIRST_STEP = True
 # warm start's 41.5 s in PyCodeCache.load_by_key_path (BENCHMARKS.md, sixth session) may be that serial load: not
 # measured yet, so off; bench.train_speed's ours_warm_pool (a warm process after ours) measures it.
 FEATURES_WARM_COMPILE_POOL = False
+# The CUDA allocator grows segments in place (PYTORCH_CUDA_ALLOC_CONF's expandable_segments) instead of caching
+# blocks of each size it has seen: packed batches vary in length, and with the MLP's outputs kept the allocator
+# reserved 34.8-40.2 GiB for a 21.7 GiB peak (fair bench, H200, sixth session). Applied where the process's own
+# PYTORCH_CUDA_ALLOC_CONF says nothing (Unsloth sets its own). Not measured yet: off; bench.train_speed's
+# ours_expandable_segments measures it.
+FEATURES_EXPANDABLE_SEGMENTS = False
 # torch.compile each decoder layer (CUDA only; dynamic shapes): fuses element-wise work and cuts launches.
 # Compiling costs ~1-2 minutes once per process; a couple of early batches recompile (duck-sized mask shapes).
 FEATURES_COMPILE = True
@@ -82,6 +88,11 @@ FEATURES_LOADER_WORKERS = 2
 # LoRA layers computed as one matmul-with-add (`fuse_lora_forwards`) instead of PEFT's cast-to-float32, two
 # matmuls, scale and add: the same arithmetic under autocast, without the element-wise passes over activations.
 FEATURES_FUSED_LORA = True
+# Under FEATURES_FUSED_LORA, add the LoRA product into the base layer's output in place (`lora_linear`, an op the
+# compiler does not look into) rather than with addmm, which Inductor keeps as cuBLAS's out-of-place addmm: that
+# first copies the whole base output into its result (H200 profile, sixth session: 327 device-to-device copies, 8.6
+# ms of a ~0.23 s step's kernels). Not measured on a GPU yet: off; bench.train_speed's ours_lora_in_place measures it.
+FEATURES_LORA_ADD_IN_PLACE = False
 # Where compiled, pad each batch's length (packed: its one row's) up to a multiple of this (None: not at all).
 # Fewer distinct shapes for the compiled layers to specialise on; the padding is masked and unlabelled, so the
 # loss is unchanged.
@@ -119,11 +130,21 @@ def selective_checkpoint_kwargs(max_saved_width: int | None = None) -> dict[str,
             keep.add(getattr(aten, name).default)
 
     matmuls = {aten.mm.default, aten.addmm.default}
+    lora_linear = lora_linear_op() if FEATURES_LORA_ADD_IN_PLACE else None
+    if lora_linear is not None:
+        keep.add(lora_linear)
+
+    def output_width(op, args) -> int | None:
+        if op in matmuls:
+            return args[-1].shape[-1]
+        if op is lora_linear:
+            return args[1].shape[0]  # the base weight's rows
+        return None
 
     def policy(ctx, op, *args, **kwargs):
         if op not in keep:
             return CheckpointPolicy.PREFER_RECOMPUTE
-        if max_saved_width is not None and op in matmuls and args[-1].shape[-1] > max_saved_width:
+        if max_saved_width is not None and (output_width(op, args) or 0) > max_saved_width:
             return CheckpointPolicy.PREFER_RECOMPUTE  # a wide output (the MLP's gate/up): cheaper to recompute
         return CheckpointPolicy.MUST_SAVE
 
@@ -152,6 +173,75 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     return fused.view(result.shape)
 
 
+_LORA_LINEAR_OP: Any = None
+
+
+def lora_linear_op() -> Any:
+    """torch.ops.vlmpipe.lora_linear(x, weight, lora_a, lora_b, scaling): x W^T + scaling (x A^T) B^T, the LoRA
+    product added into the base matmul's output in place, so that no copy of that output is made (addmm out of
+    place, which is what a compiled addmm becomes, copies it first). A custom op, registered on first use: the
+    compiler calls it as it is. Its backward is ordinary ops, which the compiler fuses: x's gradient g W +
+    scaling (g B) A, A's scaling (g B)^T x, B's scaling g^T (x A^T); W is frozen."""
+    global _LORA_LINEAR_OP
+    if _LORA_LINEAR_OP is not None:
+        return _LORA_LINEAR_OP
+    import torch
+
+    # The schema is spelled out: this module's annotations are strings (__future__), which torch cannot read.
+    @torch.library.custom_op("vlmpipe::lora_linear", mutates_args=(),
+                             schema="(Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, float scaling) -> Tensor")
+    def lora_linear(x, weight, lora_a, lora_b, scaling):
+        rows = x.reshape(-1, x.shape[-1])
+        out = torch.mm(rows, weight.t())
+        out.addmm_(torch.mm(rows, lora_a.t()), lora_b.t(), alpha=scaling)
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @lora_linear.register_fake
+    def _(x, weight, lora_a, lora_b, scaling):
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+    def setup_context(ctx, inputs, output):
+        x, weight, lora_a, lora_b, scaling = inputs
+        ctx.save_for_backward(x, weight, lora_a, lora_b)
+        ctx.scaling = scaling
+
+    def backward(ctx, grad):
+        x, weight, lora_a, lora_b = ctx.saved_tensors
+        rows, g = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+        g_low = torch.mm(g, lora_b)  # the gradient at the low-rank product, before scaling
+        grad_x = grad_weight = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (torch.mm(g, weight) + ctx.scaling * torch.mm(g_low, lora_a)).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.mm(g.t(), rows)
+        if ctx.needs_input_grad[2]:
+            grad_a = ctx.scaling * torch.mm(g_low.t(), rows)
+        if ctx.needs_input_grad[3]:
+            grad_b = ctx.scaling * torch.mm(g.t(), torch.mm(rows, lora_a.t()))
+        return grad_x, grad_weight, grad_a, grad_b, None
+
+    lora_linear.register_autograd(backward, setup_context=setup_context)
+    _LORA_LINEAR_OP = torch.ops.vlmpipe.lora_linear.default
+    return _LORA_LINEAR_OP
+
+
+def _lora_in_place_forward(self, x, *args, **kwargs):
+    """`_fused_lora_forward` with the LoRA product added in place (lora_linear_op): the base layer's matmul is
+    done inside the op, in the dtype autocast would give it."""
+    import torch
+
+    active = self.active_adapters
+    if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None or len(active) != 1 \
+            or active[0] not in self.lora_A or args or kwargs:
+        return _fused_lora_forward(self, x, *args, **kwargs)
+    name = active[0]
+    weight = self.base_layer.weight
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    return lora_linear_op()(x.to(dtype), weight.to(dtype), self.lora_A[name].weight.to(dtype),
+                            self.lora_B[name].weight.to(dtype), float(self.scaling[name]))
+
+
 def fuse_lora_forwards(model: Any) -> int:
     """Give every plain LoRA Linear of `model` (one adapter, no dropout, no DoRA or other variant, no bias on
     lora_B, an nn.Linear base) `_fused_lora_forward`; returns how many. Others keep PEFT's forward."""
@@ -169,8 +259,11 @@ def fuse_lora_forwards(model: Any) -> int:
             continue
         if not isinstance(module.lora_dropout[names[0]], torch.nn.Identity) or module.lora_B[names[0]].bias is not None:
             continue
-        module.forward = types.MethodType(_fused_lora_forward, module)
+        in_place = FEATURES_LORA_ADD_IN_PLACE and module.base_layer.bias is None
+        module.forward = types.MethodType(_lora_in_place_forward if in_place else _fused_lora_forward, module)
         count += 1
+    if count and FEATURES_LORA_ADD_IN_PLACE:
+        lora_linear_op()  # registered before anything compiles a graph that calls it
     return count
 
 
@@ -236,6 +329,20 @@ def _compile_layers(model: Any, recompute: bool | str = False, backend: str = "i
         layer.compile(dynamic=True, backend=backend,
                       options=dict(FEATURES_COMPILE_OPTIONS) if backend == "inductor" and FEATURES_COMPILE_OPTIONS
                       else None)
+    return True
+
+
+def use_expandable_segments() -> bool:
+    """Turn the CUDA allocator's expandable segments on where FEATURES_EXPANDABLE_SEGMENTS asks, a GPU is present
+    and PYTORCH_CUDA_ALLOC_CONF is unset; whether they are on. Before the model loads: segments made earlier keep
+    their kind."""
+    import os
+
+    import torch
+
+    if not (FEATURES_EXPANDABLE_SEGMENTS and torch.cuda.is_available()) or os.environ.get("PYTORCH_CUDA_ALLOC_CONF"):
+        return "expandable_segments:true" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").replace(" ", "").lower()
+    torch.cuda.memory._set_allocator_settings("expandable_segments:True")
     return True
 
 

@@ -218,6 +218,7 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
     # Pixel rows decode every image: do it before loading the weights, so a broken image fails first.
     pixel_rows = None if plan["features_dir"] is not None else _pixel_rows(request, train_split)
     took["inputs"], began = round(time.time() - began, 1), time.time()
+    expandable_segments = levers.use_expandable_segments()
     model, processor, peft_config = _load_model(request, model_dir, backend, plan["features_dir"] is not None)
     took["load_model"], began = round(time.time() - began, 1), time.time()
     plan = _plan_checked_against_processor(plan, processor, backend)
@@ -238,6 +239,8 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
     compiled, fused_lora = _apply_model_levers(trainer, backend, choice)
     took["levers"] = round(time.time() - began, 1)
     record = _image_inputs_record(plan, choice, compiled, fused_lora)
+    record.update(expandable_segments=expandable_segments,
+                  lora_added_in_place=bool(fused_lora) and levers.FEATURES_LORA_ADD_IN_PLACE)
     if compiled:
         text_config = trainer.model.config.get_text_config()
         selective_inside = choice.recompute_in_compiled and choice.checkpointing == "selective"
