@@ -12,7 +12,9 @@
 #   bash bench/device_smoke.sh start "NAME [gpu_smoke args]" ...   unpack (once), check imports, then run each
 #                                                                   NAME in turn, detached, on one storage root
 #   bash bench/device_smoke.sh bench [train_speed args]             the fair training bench, detached (NAME: bench)
-#   bash bench/device_smoke.sh wait NAME SECONDS                    wait for NAME (at most SECONDS), collect it
+#   bash bench/device_smoke.sh bench-here [train_speed args]        the same in the foreground, results to $OUT
+#   bash bench/device_smoke.sh wait NAME SECONDS                    wait for NAME (at most SECONDS), collect it;
+#                                                                   at once if this machine has no such run
 #   bash bench/device_smoke.sh probe [attention_probe args]         bench.attention_probe in the foreground (~4 min)
 #   bash bench/device_smoke.sh gputest                              the tests that need a GPU (tests/test_encode.py
 #                                                                   skips them on a CPU), in the foreground
@@ -69,8 +71,16 @@ bench)
     >'$work/bench.out' 2>&1 </dev/null; echo \$? >'$work/bench.done'" >/dev/null 2>&1 </dev/null &
   echo "started: bench.train_speed $*"
   ;;
+bench-here)
+  # The same bench in the foreground, its results written straight to $OUT (they come back even if the call's
+  # time limit cuts it short): for a short measurement in one call.
+  python3 -m bench.train_speed --workdir "$work/bench" --out "$OUT" "$@" >"$OUT/bench.out" 2>&1
+  echo "bench exited $?"; cat "$OUT/train_speed.md" 2>/dev/null || tail -20 "$OUT/bench.out"
+  ;;
 wait)
   name=$1; limit=${2:-500}; waited=0
+  # A machine given back between calls comes back fresh, without the run: say so at once rather than wait.
+  [ -f "$work/$name.out" ] || { echo "no run named $name on this machine (a fresh one?)"; exit 3; }
   while [ ! -f "$work/$name.done" ] && [ "$waited" -lt "$limit" ]; do sleep 5; waited=$((waited + 5)); done
   [ -f "$work/$name.done" ] && echo "$name exited $(cat "$work/$name.done") (waited ${waited}s)" \
     || echo "$name still running after ${waited}s"
