@@ -730,12 +730,6 @@ VARIANTS = {
     # FlexAttention's backward with the settings max-autotune chose for one packed row alone (H200: 67.8 samples/s
     # against 74.6 with Inductor's defaults; not used).
     "ours_tuned_flex": {"FEATURES_FLEX_KERNEL_OPTIONS": "FLEX_BACKWARD_AUTOTUNED_H200"},
-    # Inductor's compile workers started while the trainer is set up (levers.FEATURES_WARM_COMPILE_POOL). Run it after
-    # ours: a warm process, to compare with ours_again's time to the first step.
-    "ours_warm_pool": {"FEATURES_WARM_COMPILE_POOL": True},
-    # LoRA's product added into the base output in place, inside one op (levers.FEATURES_LORA_ADD_IN_PLACE): no copy
-    # of that output before cuBLAS's addmm.
-    "ours_lora_in_place": {"FEATURES_LORA_ADD_IN_PLACE": True},
     # The CUDA allocator's expandable segments (levers.FEATURES_EXPANDABLE_SEGMENTS): peak memory reserved.
     "ours_expandable_segments": {"FEATURES_EXPANDABLE_SEGMENTS": True},
     # Inductor's max-autotune for the compiled layers, matmuls left to cuBLAS: FlexAttention's kernels (and the

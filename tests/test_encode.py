@@ -562,26 +562,6 @@ def test_flex_kernel_options_reach_every_compiled_layers_attention(tiny_model_di
     assert packed_loss == pytest.approx(eager_loss, rel=1e-5)
 
 
-def test_the_compile_workers_start_with_the_layers_only_when_asked(tiny_model_dir, monkeypatch):
-    """levers.FEATURES_WARM_COMPILE_POOL: _compile_layers starts Inductor's compile workers (torch's own
-    maybe_warm_pool) for the inductor backend; off, it leaves them to torch."""
-    import torch
-    import torch._inductor.async_compile as async_compile
-
-    from modal_jobs.train import levers
-
-    model, _ = _tiny_lora_model(tiny_model_dir)
-    started = []
-    monkeypatch.setattr(async_compile, "maybe_warm_pool", lambda: started.append(True))
-    try:
-        for warm, backend in ((False, "inductor"), (True, "eager"), (True, "inductor")):
-            monkeypatch.setattr(levers, "FEATURES_WARM_COMPILE_POOL", warm)
-            assert levers._compile_layers(model, backend=backend)
-    finally:
-        torch._dynamo.reset()
-    assert started == [True]
-
-
 def test_the_wide_matmuls_are_kept_only_on_a_card_with_the_memory(monkeypatch):
     """levers.FEATURES_RECOMPUTE_WIDE_MATMULS None: recompute them without a CUDA card or on one under
     KEEP_WIDE_MATMULS_MIN_GIB, keep them on a larger one; True or False is obeyed as set."""
@@ -816,71 +796,20 @@ def test_selective_recomputation_keeps_the_wide_matmuls_only_when_told(tiny_mode
     assert asked == [hidden_size, None]
 
 
-def test_lora_added_in_place_gives_peft_loss_and_gradients_eager_and_compiled(tiny_model_dir, tiny_dataset_dir,
-                                                                             encoded, monkeypatch):
-    """levers.FEATURES_LORA_ADD_IN_PLACE: the LoRA product added into the base output inside one op (no copy of
-    that output, which a compiled addmm makes) gives PEFT's loss and adapter gradients, eager and in layers compiled
-    with selective recomputation inside, where the graph calls the op instead of addmm and the policy keeps its
-    output (and recomputes it where it is wider than the width kept)."""
+
+def test_expandable_segments_only_when_asked_on_a_gpu_and_never_over_the_users_setting(monkeypatch):
+    """levers.use_expandable_segments: off unless FEATURES_EXPANDABLE_SEGMENTS asks and a GPU is there; a
+    PYTORCH_CUDA_ALLOC_CONF of the process's own (Unsloth sets one) is left alone and reported as it is."""
     import torch
-    from torch.utils.checkpoint import CheckpointPolicy
 
-    from modal_jobs.encode import FeatureStore
-    from modal_jobs.train import FeatureCollator, _compile_layers, fuse_lora_forwards, levers
+    from modal_jobs.train import levers
 
-    monkeypatch.setattr(levers, "FEATURES_LORA_ADD_IN_PLACE", True)
-    model, processor = _tiny_lora_model(tiny_model_dir, layer_types=["sliding_attention", "full_attention"])
-    _, feature_rows = _rows(tiny_dataset_dir, 4)
-    cached = FeatureCollator(processor, FeatureStore(encoded.features_dir), pad_to_multiple_of=64)(feature_rows)
-    model.train()
-    peft_loss, peft_grads = _loss_and_lora_gradients(model, cached)
-    lora_layers = sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A"))
-    assert fuse_lora_forwards(model) == lora_layers > 0
-
-    op = levers.lora_linear_op()
-    eager_loss, eager_grads = _loss_and_lora_gradients(model, cached)
-
-    graphs = []
-
-    def record(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    torch._dynamo.reset()
-    try:
-        assert _compile_layers(model, recompute="selective", backend=record)
-        compiled_loss, compiled_grads = _loss_and_lora_gradients(model, cached)
-    finally:
-        torch._dynamo.reset()
-    called = {str(node.target) for graph in graphs for module in graph.modules()  # the checkpoint's body is a
-              if isinstance(module, torch.fx.GraphModule)                       # submodule of the layer's graph
-              for node in module.graph.nodes if node.op == "call_function"}
-    assert any("lora_linear" in name for name in called), sorted(called)
-    assert not any("addmm" in name for name in called), sorted(called)
-    model, _ = _tiny_lora_model(tiny_model_dir, layer_types=["sliding_attention", "full_attention"])  # the same
-    fuse_lora_forwards(model)
-    model.train()
-    torch._dynamo.reset()
-    try:  # traced through AOTAutograd as Inductor traces it: the op's backward in the joint graph, partitioned
-        assert _compile_layers(model, recompute="selective", backend="aot_eager")
-        aot_loss, aot_grads = _loss_and_lora_gradients(model, cached)
-    finally:
-        torch._dynamo.reset()
-    for loss, grads in ((eager_loss, eager_grads), (compiled_loss, compiled_grads), (aot_loss, aot_grads)):
-        assert loss == pytest.approx(peft_loss, rel=1e-5)
-        assert grads.keys() == peft_grads.keys() and len(grads) == 2 * lora_layers
-        for name in peft_grads:
-            torch.testing.assert_close(grads[name], peft_grads[name], rtol=1e-4, atol=1e-6, msg=name)
-
-    # Under bf16 autocast the op computes in bf16, as the base layer's matmul would.
-    x = torch.randn(3, 5, 16)
-    weight, lora_a, lora_b = torch.randn(24, 16), torch.randn(4, 16), torch.randn(24, 4)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        linear = model.base_model.model.model.language_model.layers[0].self_attn.q_proj
-        assert linear(torch.randn(2, 3, linear.in_features)).dtype == torch.bfloat16
-    out = op(x, weight, lora_a, lora_b, 2.0)
-    torch.testing.assert_close(out, x @ weight.t() + 2.0 * (x @ lora_a.t()) @ lora_b.t(), rtol=1e-5, atol=1e-5)
-
-    narrow = levers.selective_checkpoint_kwargs(max_saved_width=16)["context_fn"].args[0]
-    assert narrow(None, op, x, torch.empty(16, 16), lora_a, lora_b, 2.0) == CheckpointPolicy.MUST_SAVE
-    assert narrow(None, op, x, weight, lora_a, lora_b, 2.0) == CheckpointPolicy.PREFER_RECOMPUTE
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.setattr(levers, "FEATURES_EXPANDABLE_SEGMENTS", False)
+    assert levers.use_expandable_segments() is False
+    monkeypatch.setattr(levers, "FEATURES_EXPANDABLE_SEGMENTS", True)
+    assert levers.use_expandable_segments() is torch.cuda.is_available()
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    assert levers.use_expandable_segments() is True
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    assert levers.use_expandable_segments() is False

@@ -56,13 +56,6 @@ FLEX_BACKWARD_AUTOTUNED_H200: dict[str, int] = {
 # held the host 2.6 s (up to 0.76 s each) inside a 9 s window of 30 steps: 53.3 samples/s against 64.5 for the
 # process that compiled them. (Frozen at the first step's start, before compiling, it did not help: run 13.)
 FEATURES_GC_FREEZE_AFTER_FIRST_STEP = True
-# Start Inductor's compile workers when the layers are set up to compile, not when the first one is (torch does it
-# then). Inductor compiles a graph's Triton kernels, or loads them from its cache, in those workers only once they
-# are up (AsyncCompile.use_process_pool), and in the main process, one after another, before. A cold start spends
-# ~50 s generating code first, time enough for them to start; a warm one reaches its kernels within seconds. The
-# warm start's 41.5 s in PyCodeCache.load_by_key_path (BENCHMARKS.md, sixth session) may be that serial load: not
-# measured yet, so off; bench.train_speed's ours_warm_pool (a warm process after ours) measures it.
-FEATURES_WARM_COMPILE_POOL = False
 # The CUDA allocator grows segments in place (PYTORCH_CUDA_ALLOC_CONF's expandable_segments) instead of caching
 # blocks of each size it has seen: packed batches vary in length, and with the MLP's outputs kept the allocator
 # reserved 34.8-40.2 GiB for a 21.7 GiB peak (fair bench, H200, sixth session). Applied where the process's own
@@ -71,6 +64,10 @@ FEATURES_WARM_COMPILE_POOL = False
 FEATURES_EXPANDABLE_SEGMENTS = False
 # torch.compile each decoder layer (CUDA only; dynamic shapes): fuses element-wise work and cuts launches.
 # Compiling costs ~1-2 minutes once per process; a couple of early batches recompile (duck-sized mask shapes).
+# With every kernel cached (storage.keep_compiled_kernels) the first step still comes ~75 s after the job starts, ~40 s
+# of it loading the cached layer module (PyCodeCache.load_by_key_path). Starting Inductor's compile workers when the
+# layers are set up (async_compile.maybe_warm_pool) did not shorten that: 75.2 s against 77.8 (fair bench, H200,
+# seventh session). Not kept.
 FEATURES_COMPILE = True
 # Inductor options for the compiled layers (torch.compile's `options`; empty: its defaults).
 FEATURES_COMPILE_OPTIONS: dict[str, Any] = {}
@@ -88,11 +85,10 @@ FEATURES_LOADER_WORKERS = 2
 # LoRA layers computed as one matmul-with-add (`fuse_lora_forwards`) instead of PEFT's cast-to-float32, two
 # matmuls, scale and add: the same arithmetic under autocast, without the element-wise passes over activations.
 FEATURES_FUSED_LORA = True
-# Under FEATURES_FUSED_LORA, add the LoRA product into the base layer's output in place (`lora_linear`, an op the
-# compiler does not look into) rather than with addmm, which Inductor keeps as cuBLAS's out-of-place addmm: that
-# first copies the whole base output into its result (H200 profile, sixth session: 327 device-to-device copies, 8.6
-# ms of a ~0.23 s step's kernels). Not measured on a GPU yet: off; bench.train_speed's ours_lora_in_place measures it.
-FEATURES_LORA_ADD_IN_PLACE = False
+# Inductor keeps the fused forward's addmm as cuBLAS's out-of-place addmm, which first copies the whole base output
+# into its result (H200 profile, sixth session: 8.6 ms of a ~0.23 s step). Adding the product in place inside a
+# custom op, opaque to the compiler, removed the copy but cost far more than it saved: 57.9 samples/s against 71.2,
+# same command (fair bench, H200, seventh session; BENCHMARKS.md). Not kept.
 # Where compiled, pad each batch's length (packed: its one row's) up to a multiple of this (None: not at all).
 # Fewer distinct shapes for the compiled layers to specialise on; the padding is masked and unlabelled, so the
 # loss is unchanged.
@@ -130,21 +126,11 @@ def selective_checkpoint_kwargs(max_saved_width: int | None = None) -> dict[str,
             keep.add(getattr(aten, name).default)
 
     matmuls = {aten.mm.default, aten.addmm.default}
-    lora_linear = lora_linear_op() if FEATURES_LORA_ADD_IN_PLACE else None
-    if lora_linear is not None:
-        keep.add(lora_linear)
-
-    def output_width(op, args) -> int | None:
-        if op in matmuls:
-            return args[-1].shape[-1]
-        if op is lora_linear:
-            return args[1].shape[0]  # the base weight's rows
-        return None
 
     def policy(ctx, op, *args, **kwargs):
         if op not in keep:
             return CheckpointPolicy.PREFER_RECOMPUTE
-        if max_saved_width is not None and (output_width(op, args) or 0) > max_saved_width:
+        if max_saved_width is not None and op in matmuls and args[-1].shape[-1] > max_saved_width:
             return CheckpointPolicy.PREFER_RECOMPUTE  # a wide output (the MLP's gate/up): cheaper to recompute
         return CheckpointPolicy.MUST_SAVE
 
@@ -173,75 +159,6 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     return fused.view(result.shape)
 
 
-_LORA_LINEAR_OP: Any = None
-
-
-def lora_linear_op() -> Any:
-    """torch.ops.vlmpipe.lora_linear(x, weight, lora_a, lora_b, scaling): x W^T + scaling (x A^T) B^T, the LoRA
-    product added into the base matmul's output in place, so that no copy of that output is made (addmm out of
-    place, which is what a compiled addmm becomes, copies it first). A custom op, registered on first use: the
-    compiler calls it as it is. Its backward is ordinary ops, which the compiler fuses: x's gradient g W +
-    scaling (g B) A, A's scaling (g B)^T x, B's scaling g^T (x A^T); W is frozen."""
-    global _LORA_LINEAR_OP
-    if _LORA_LINEAR_OP is not None:
-        return _LORA_LINEAR_OP
-    import torch
-
-    # The schema is spelled out: this module's annotations are strings (__future__), which torch cannot read.
-    @torch.library.custom_op("vlmpipe::lora_linear", mutates_args=(),
-                             schema="(Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, float scaling) -> Tensor")
-    def lora_linear(x, weight, lora_a, lora_b, scaling):
-        rows = x.reshape(-1, x.shape[-1])
-        out = torch.mm(rows, weight.t())
-        out.addmm_(torch.mm(rows, lora_a.t()), lora_b.t(), alpha=scaling)
-        return out.view(*x.shape[:-1], weight.shape[0])
-
-    @lora_linear.register_fake
-    def _(x, weight, lora_a, lora_b, scaling):
-        return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-    def setup_context(ctx, inputs, output):
-        x, weight, lora_a, lora_b, scaling = inputs
-        ctx.save_for_backward(x, weight, lora_a, lora_b)
-        ctx.scaling = scaling
-
-    def backward(ctx, grad):
-        x, weight, lora_a, lora_b = ctx.saved_tensors
-        rows, g = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
-        g_low = torch.mm(g, lora_b)  # the gradient at the low-rank product, before scaling
-        grad_x = grad_weight = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (torch.mm(g, weight) + ctx.scaling * torch.mm(g_low, lora_a)).view(x.shape)
-        if ctx.needs_input_grad[1]:
-            grad_weight = torch.mm(g.t(), rows)
-        if ctx.needs_input_grad[2]:
-            grad_a = ctx.scaling * torch.mm(g_low.t(), rows)
-        if ctx.needs_input_grad[3]:
-            grad_b = ctx.scaling * torch.mm(g.t(), torch.mm(rows, lora_a.t()))
-        return grad_x, grad_weight, grad_a, grad_b, None
-
-    lora_linear.register_autograd(backward, setup_context=setup_context)
-    _LORA_LINEAR_OP = torch.ops.vlmpipe.lora_linear.default
-    return _LORA_LINEAR_OP
-
-
-def _lora_in_place_forward(self, x, *args, **kwargs):
-    """`_fused_lora_forward` with the LoRA product added in place (lora_linear_op): the base layer's matmul is
-    done inside the op, in the dtype autocast would give it."""
-    import torch
-
-    active = self.active_adapters
-    if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None or len(active) != 1 \
-            or active[0] not in self.lora_A or args or kwargs:
-        return _fused_lora_forward(self, x, *args, **kwargs)
-    name = active[0]
-    weight = self.base_layer.weight
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    return lora_linear_op()(x.to(dtype), weight.to(dtype), self.lora_A[name].weight.to(dtype),
-                            self.lora_B[name].weight.to(dtype), float(self.scaling[name]))
-
-
 def fuse_lora_forwards(model: Any) -> int:
     """Give every plain LoRA Linear of `model` (one adapter, no dropout, no DoRA or other variant, no bias on
     lora_B, an nn.Linear base) `_fused_lora_forward`; returns how many. Others keep PEFT's forward."""
@@ -259,11 +176,8 @@ def fuse_lora_forwards(model: Any) -> int:
             continue
         if not isinstance(module.lora_dropout[names[0]], torch.nn.Identity) or module.lora_B[names[0]].bias is not None:
             continue
-        in_place = FEATURES_LORA_ADD_IN_PLACE and module.base_layer.bias is None
-        module.forward = types.MethodType(_lora_in_place_forward if in_place else _fused_lora_forward, module)
+        module.forward = types.MethodType(_fused_lora_forward, module)
         count += 1
-    if count and FEATURES_LORA_ADD_IN_PLACE:
-        lora_linear_op()  # registered before anything compiles a graph that calls it
     return count
 
 
@@ -311,10 +225,6 @@ def _compile_layers(model: Any, recompute: bool | str = False, backend: str = "i
     # A machine that cannot compile (no C compiler for Triton's launchers, say) trains eagerly, with a warning,
     # rather than failing at its first step.
     dynamo.suppress_errors = True
-    if FEATURES_WARM_COMPILE_POOL and backend == "inductor":
-        from torch._inductor.async_compile import maybe_warm_pool
-
-        maybe_warm_pool()  # does nothing without Triton (a CPU-only torch)
     text_config = model.config.get_text_config()
     max_saved_width = getattr(text_config, "hidden_size", None) if recompute_wide_matmuls() else None
     checkpoint_kwargs = (selective_checkpoint_kwargs(max_saved_width=max_saved_width) if recompute == "selective"

@@ -239,8 +239,7 @@ def build_trainer(request: TrainRequest) -> TrainerSetup:
     compiled, fused_lora = _apply_model_levers(trainer, backend, choice)
     took["levers"] = round(time.time() - began, 1)
     record = _image_inputs_record(plan, choice, compiled, fused_lora)
-    record.update(expandable_segments=expandable_segments,
-                  lora_added_in_place=bool(fused_lora) and levers.FEATURES_LORA_ADD_IN_PLACE)
+    record["expandable_segments"] = expandable_segments
     if compiled:
         text_config = trainer.model.config.get_text_config()
         selective_inside = choice.recompute_in_compiled and choice.checkpointing == "selective"
