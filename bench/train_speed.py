@@ -610,9 +610,10 @@ def child_ours(spec: dict) -> dict:
 def _sample_startup(out: Path, interval_s: float = 0.25) -> None:
     """Wrap build_trainer (where modal_jobs.train.job's train calls it) so that a thread samples the main thread's
     Python stack every `interval_s` from there to the end of the first optimizer step, where a warm start spends its
-    time loading the cached compiled layers: OUT/startup_samples.txt. A sampler, not a profiler: under Python's
-    profiler (sys.setprofile) the Inductor and AOTAutograd caches missed and the process compiled cold
-    (BENCHMARKS.md, sixth session)."""
+    time loading the cached compiled layers: OUT/startup_samples.txt. A sampler, not a profiler, because under
+    Python's profiler the Inductor cache missed (sixth session); but with this sampler on it missed too (seventh
+    session: 0 hits, 3 misses; BENCHMARKS.md). So what it samples is code generation, not a warm load, and the
+    sampled process's time to its first step is not a warm start's."""
     import threading
     import traceback
     from collections import Counter
