@@ -796,10 +796,9 @@ def test_selective_recomputation_keeps_the_wide_matmuls_only_when_told(tiny_mode
     assert asked == [hidden_size, None]
 
 
-
 def test_expandable_segments_only_when_asked_on_a_gpu_and_never_over_the_users_setting(monkeypatch):
     """levers.use_expandable_segments: off unless FEATURES_EXPANDABLE_SEGMENTS asks and a GPU is there; a
-    PYTORCH_CUDA_ALLOC_CONF of the process's own (Unsloth sets one) is left alone and reported as it is."""
+    PYTORCH_CUDA_ALLOC_CONF of the process's own (Unsloth may set one) is left alone and reported as it is."""
     import torch
 
     from modal_jobs.train import levers

@@ -59,7 +59,7 @@ FEATURES_GC_FREEZE_AFTER_FIRST_STEP = True
 # The CUDA allocator grows segments in place (PYTORCH_CUDA_ALLOC_CONF's expandable_segments) instead of caching
 # blocks of each size it has seen: packed batches vary in length, and with the MLP's outputs kept the allocator
 # reserved 34.8-40.2 GiB for a 21.7 GiB peak (fair bench, H200, sixth session). Applied where the process's own
-# PYTORCH_CUDA_ALLOC_CONF says nothing (Unsloth sets its own). Not measured yet: off; bench.train_speed's
+# PYTORCH_CUDA_ALLOC_CONF says nothing (Unsloth, once imported, may set one). Not measured yet: off; bench.train_speed's
 # ours_expandable_segments measures it.
 FEATURES_EXPANDABLE_SEGMENTS = False
 # torch.compile each decoder layer (CUDA only; dynamic shapes): fuses element-wise work and cuts launches.
@@ -84,11 +84,11 @@ FEATURES_GROUP_BY_LENGTH = False
 FEATURES_LOADER_WORKERS = 2
 # LoRA layers computed as one matmul-with-add (`fuse_lora_forwards`) instead of PEFT's cast-to-float32, two
 # matmuls, scale and add: the same arithmetic under autocast, without the element-wise passes over activations.
+# Inductor keeps its addmm as cuBLAS's out-of-place addmm, which first copies the whole base output into its result
+# (H200 profile, sixth session: 8.6 ms of a ~0.23 s step). Adding the product in place inside a custom op, opaque to
+# the compiler, removed the copy but cost far more than it saved: 57.9 samples/s against 71.2, same command (fair
+# bench, H200, seventh session; BENCHMARKS.md). Not kept.
 FEATURES_FUSED_LORA = True
-# Inductor keeps the fused forward's addmm as cuBLAS's out-of-place addmm, which first copies the whole base output
-# into its result (H200 profile, sixth session: 8.6 ms of a ~0.23 s step). Adding the product in place inside a
-# custom op, opaque to the compiler, removed the copy but cost far more than it saved: 57.9 samples/s against 71.2,
-# same command (fair bench, H200, seventh session; BENCHMARKS.md). Not kept.
 # Where compiled, pad each batch's length (packed: its one row's) up to a multiple of this (None: not at all).
 # Fewer distinct shapes for the compiled layers to specialise on; the padding is masked and unlabelled, so the
 # loss is unchanged.
