@@ -59,8 +59,8 @@ FEATURES_GC_FREEZE_AFTER_FIRST_STEP = True
 # The CUDA allocator grows segments in place (PYTORCH_CUDA_ALLOC_CONF's expandable_segments) instead of caching
 # blocks of each size it has seen: packed batches vary in length, and with the MLP's outputs kept the allocator
 # reserved 34.8-40.2 GiB for a 21.7 GiB peak (fair bench, H200, sixth session). Applied where the process's own
-# PYTORCH_CUDA_ALLOC_CONF says nothing (Unsloth, once imported, may set one). Not measured yet: off; bench.train_speed's
-# ours_expandable_segments measures it.
+# PYTORCH_CUDA_ALLOC_CONF says nothing (Unsloth, once imported, may set one). Not measured yet: off;
+# bench.train_speed's ours_expandable_segments measures it.
 FEATURES_EXPANDABLE_SEGMENTS = False
 # torch.compile each decoder layer (CUDA only; dynamic shapes): fuses element-wise work and cuts launches.
 # Compiling costs ~1-2 minutes once per process; a couple of early batches recompile (duck-sized mask shapes).
